@@ -1,0 +1,1 @@
+//! Containers: podman control for function containers.

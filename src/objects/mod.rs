@@ -1,0 +1,1 @@
+//! Objects: classes, objects, ordered and exactly-once invocations.
