@@ -1,7 +1,210 @@
-//! Command line: `capy run`, `capy ca`, `capy put/get/rm/status`, `capy sim`,
-//! `capy bench`.
+//! Command line: `capy run` (the node), `capy ca` (the admin CA), the client
+//! commands that talk to a node's HTTP API (`put`, `get`, `rm`, `status`),
+//! `capy sim` and `capy bench`. Parsing lives here; the work is done by the
+//! parts the commands name.
+//!
+//! Exit codes: 0 success; 1 the operation failed (the node's message is
+//! printed); 2 bad usage or bad input file; 3 the node could not be reached;
+//! 4 the key (or object) does not exist.
+
+mod client;
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILED: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_UNREACHABLE: i32 = 3;
+pub const EXIT_NOT_FOUND: i32 = 4;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "capy",
+    version,
+    about = "A decentralised, programmable object store and function host for edge gateways",
+    long_about = "With no command, runs a node (`capy run`): `capy --join host:port` joins a cluster.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Option<Cmd>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run a node (the default command).
+    Run(RunArgs),
+    /// The admin CA: create it, issue node certificates.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// Store a value: from FILE, from stdin with `-`, or empty.
+    Put {
+        key: String,
+        /// File to read the value from; `-` for stdin.
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Print a value to stdout (or to --out FILE).
+    Get {
+        key: String,
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Delete a key.
+    Rm {
+        key: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Show a node's status.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Simulate the overlay (or the vnode game) in virtual time.
+    Sim(SimArgs),
+    /// Benchmarks that print their figures.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    /// Data directory: certificates, store, known peers.
+    #[arg(long, env = "CAPY_DATA")]
+    pub data: Option<PathBuf>,
+    /// UDP address for the cluster's QUIC traffic.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Address other nodes reach this one at, when --listen is a wildcard.
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
+    /// TCP address of the HTTP status page and API.
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// A node of the cluster to join through (repeatable).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub join: Vec<String>,
+    /// Configuration file (TOML).
+    #[arg(long, env = "CAPY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Board profile to apply (see `boards/`).
+    #[arg(long)]
+    pub board: Option<String>,
+    /// Log filter, e.g. `info` or `capy=debug`.
+    #[arg(long, env = "CAPY_LOG")]
+    pub log: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The node's HTTP address.
+    #[arg(long, env = "CAPY_NODE", default_value = "http://127.0.0.1:7070")]
+    pub node: String,
+    /// Bucket (app) of the key.
+    #[arg(long, default_value = "default")]
+    pub bucket: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCmd {
+    /// Create a CA in DIR (its key is written with mode 0600).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate signed by the CA in DIR into OUT.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        max_vnodes: u32,
+        #[arg(long, default_value = "default")]
+        zone: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct SimArgs {
+    #[command(subcommand)]
+    pub what: Option<SimCmd>,
+    #[arg(long, default_value_t = 1000)]
+    pub nodes: usize,
+    #[arg(long, default_value_t = 10000)]
+    pub lookups: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_fraction: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SimCmd {
+    /// The vnode game on a heterogeneous fleet.
+    Game {
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Start real nodes on loopback and measure put/get latency.
+    Kv {
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        #[arg(long, default_value_t = 20000)]
+        ops: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 /// Entry point of the `capy` binary; returns the process exit code.
 pub fn main() -> i32 {
-    0
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+        }
+    };
+    match cli.cmd {
+        None => crate::node::run_cmd(cli.run),
+        Some(Cmd::Run(args)) => crate::node::run_cmd(args),
+        Some(Cmd::Ca(c)) => client::ca(c),
+        Some(Cmd::Put { key, file, c }) => client::put(&c, &key, file.as_deref()),
+        Some(Cmd::Get { key, out, c }) => client::get(&c, &key, out.as_deref()),
+        Some(Cmd::Rm { key, c }) => client::rm(&c, &key),
+        Some(Cmd::Status { json, c }) => client::status(&c, json),
+        Some(Cmd::Sim(s)) => client::sim(s),
+        Some(Cmd::Bench(b)) => client::bench(b),
+    }
 }

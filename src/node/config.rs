@@ -1,0 +1,143 @@
+//! Node configuration: built-in defaults, then a board profile, then the
+//! TOML config file, then command-line flags, each overriding the one before.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Default UDP port of the cluster's QUIC traffic.
+pub const DEFAULT_QUIC_PORT: u16 = 7071;
+/// Default TCP port of the local HTTP status page and API.
+pub const DEFAULT_HTTP_PORT: u16 = 7070;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    pub data: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub advertise: Option<SocketAddr>,
+    pub http: SocketAddr,
+    pub join: Vec<String>,
+    pub board: Option<String>,
+    pub log: String,
+    /// Replication factor of buckets that do not set their own.
+    pub replicas: usize,
+    /// Leaf-set size (both sides together).
+    pub leaf_set: usize,
+    /// How many vnodes to run until the vnode game decides.
+    pub vnodes: u32,
+    /// Largest value a put may carry, in bytes.
+    pub max_value: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            data: None,
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_QUIC_PORT)),
+            advertise: None,
+            http: SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT)),
+            join: Vec::new(),
+            board: None,
+            log: "info".into(),
+            replicas: 3,
+            leaf_set: 24,
+            vnodes: 1,
+            max_value: crate::store::MAX_VALUE,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {err}")]
+    Read { path: String, err: std::io::Error },
+    #[error("{path}: {err}")]
+    Parse { path: String, err: toml::de::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl NodeConfig {
+    /// Reads a TOML config file; unknown keys are errors so typos surface.
+    pub fn from_file(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            path: path.display().to_string(),
+            err,
+        })?;
+        toml::from_str(&text).map_err(|err| ConfigError::Parse {
+            path: path.display().to_string(),
+            err,
+        })
+    }
+
+    /// Refuses settings the node cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=16).contains(&self.replicas) {
+            return Err(ConfigError::Invalid(format!(
+                "replicas = {}: must be between 1 and 16",
+                self.replicas
+            )));
+        }
+        if !(4..=64).contains(&self.leaf_set) || self.leaf_set % 2 != 0 {
+            return Err(ConfigError::Invalid(format!(
+                "leaf_set = {}: must be an even number between 4 and 64",
+                self.leaf_set
+            )));
+        }
+        if self.vnodes == 0 || self.vnodes > 64 {
+            return Err(ConfigError::Invalid(format!(
+                "vnodes = {}: must be between 1 and 64",
+                self.vnodes
+            )));
+        }
+        if self.max_value == 0 || self.max_value > crate::store::MAX_VALUE {
+            return Err(ConfigError::Invalid(format!(
+                "max_value = {}: must be between 1 and {}",
+                self.max_value,
+                crate::store::MAX_VALUE
+            )));
+        }
+        Ok(())
+    }
+
+    /// Where the node keeps its state when nothing says: systemd's
+    /// StateDirectory, then the user's data dir, then `./capy-data`.
+    pub fn default_data_dir() -> PathBuf {
+        if let Some(d) = std::env::var_os("STATE_DIRECTORY") {
+            // systemd may pass several, colon-separated; the first is ours.
+            let s = d.to_string_lossy().to_string();
+            if let Some(first) = s.split(':').next().filter(|f| !f.is_empty()) {
+                return PathBuf::from(first);
+            }
+        }
+        if let Some(h) = std::env::var_os("XDG_DATA_HOME") {
+            return PathBuf::from(h).join("capy");
+        }
+        if let Some(h) = std::env::var_os("HOME") {
+            return PathBuf::from(h).join(".local/share/capy");
+        }
+        PathBuf::from("capy-data")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data.clone().unwrap_or_else(Self::default_data_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = toml::from_str::<NodeConfig>("replicas = 3\nlistne = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("listne"), "{e}");
+        let c: NodeConfig = toml::from_str("replicas = 0").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("replicas = 0"), "{e}");
+        let c: NodeConfig = toml::from_str("listen = \"127.0.0.1:9000\"").unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert!(c.validate().is_ok());
+    }
+}
