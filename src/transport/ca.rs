@@ -115,9 +115,13 @@ pub fn ca_init(dir: &Path) -> Result<CaInfo, TransportError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "capy admin CA");
+    // A distinct name per CA: verifiers match issuers by name, so two CAs
+    // sharing one would make "wrong CA" look like "bad signature".
+    let tag: [u8; 4] = rand::random();
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("capy admin CA {}", hex::encode(tag)),
+    );
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -254,9 +258,7 @@ pub fn ca_issue(
     }
     params.not_before = not_before.into();
     params.not_after = not_after.into();
-    let node_cert = params
-        .signed_by(&key, &issuer, &ca_key)
-        .map_err(gen_err)?;
+    let node_cert = params.signed_by(&key, &issuer, &ca_key).map_err(gen_err)?;
     let fields: CertFields =
         cert::parse_node_cert(node_cert.der()).map_err(TransportError::Generate)?;
 

@@ -42,13 +42,18 @@ pub struct CapyExt {
 /// safe in a subject, a log line and a file name.
 pub fn check_label(what: &str, s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > MAX_LABEL {
-        return Err(format!("{what} must be 1..={MAX_LABEL} bytes, got {}", s.len()));
+        return Err(format!(
+            "{what} must be 1..={MAX_LABEL} bytes, got {}",
+            s.len()
+        ));
     }
     if let Some(c) = s
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!("{what} {s:?} contains {c:?}; allowed: A-Z a-z 0-9 . _ -"));
+        return Err(format!(
+            "{what} {s:?} contains {c:?}; allowed: A-Z a-z 0-9 . _ -"
+        ));
     }
     Ok(())
 }
@@ -130,7 +135,10 @@ pub fn parse_node_cert(der: &[u8]) -> Result<CertFields, String> {
     let (rest, cert) =
         x509_parser::parse_x509_certificate(der).map_err(|e| format!("not X.509: {e}"))?;
     if !rest.is_empty() {
-        return Err(format!("{} trailing bytes after the certificate", rest.len()));
+        return Err(format!(
+            "{} trailing bytes after the certificate",
+            rest.len()
+        ));
     }
     let name = cert
         .subject()
@@ -164,7 +172,10 @@ pub fn is_ca_cert(der: &[u8]) -> Result<bool, String> {
     let (rest, cert) =
         x509_parser::parse_x509_certificate(der).map_err(|e| format!("not X.509: {e}"))?;
     if !rest.is_empty() {
-        return Err(format!("{} trailing bytes after the certificate", rest.len()));
+        return Err(format!(
+            "{} trailing bytes after the certificate",
+            rest.len()
+        ));
     }
     Ok(cert.is_ca())
 }
@@ -216,7 +227,7 @@ pub fn describe_tls_error(e: &rustls::Error) -> String {
             "not signed by this CA (unknown issuer)".into()
         }
         rustls::Error::InvalidCertificate(C::BadSignature) => {
-            "signature does not verify against the CA key".into()
+            "not signed by this CA (signature does not verify against its key)".into()
         }
         other => other.to_string(),
     }

@@ -68,7 +68,10 @@ pub enum SendError {
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: SocketAddr, reason: String },
     #[error("{addr}: timed out {what}")]
-    Timeout { addr: SocketAddr, what: &'static str },
+    Timeout {
+        addr: SocketAddr,
+        what: &'static str,
+    },
     #[error("{addr} does not own {expected:?} (certificate of {name:?})")]
     WrongPeer {
         addr: SocketAddr,

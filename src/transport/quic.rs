@@ -337,10 +337,12 @@ impl Transport {
             .datagram_receive_buffer_size(None);
         let tc = Arc::new(tc);
 
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                .build()
-                .map_err(|e| TransportError::Tls(e.to_string()))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls)?
@@ -352,8 +354,8 @@ impl Transport {
         // resumption that would skip the check.
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
-        let server = QuicServerConfig::try_from(server)
-            .map_err(|e| TransportError::Tls(e.to_string()))?;
+        let server =
+            QuicServerConfig::try_from(server).map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
         server.transport_config(tc.clone());
 
@@ -586,13 +588,24 @@ impl Shared {
         let (live, fresh) = self.conn(to).await?;
         check_expect(&live, expect)?;
         match op(live.clone()).await {
-            Err(SendError::ConnectionLost { reason, .. }) if !fresh => {
-                debug!(peer = %to, %reason, "cached connection lost; reconnecting once");
+            Err(e @ SendError::ConnectionLost { .. }) => {
+                if let Some(refusal) = handshake_refusal(&live) {
+                    return Err(refusal);
+                }
+                if fresh {
+                    return Err(e);
+                }
+                debug!(peer = %to, reason = %e, "cached connection lost; reconnecting once");
                 live.conn
                     .close(VarInt::from_u32(CLOSE_SHUTDOWN), b"connection lost");
                 let (live, _) = self.conn(to).await?;
                 check_expect(&live, expect)?;
-                op(live).await
+                match op(live.clone()).await {
+                    Err(e @ SendError::ConnectionLost { .. }) => {
+                        Err(handshake_refusal(&live).unwrap_or(e))
+                    }
+                    r => r,
+                }
             }
             r => r,
         }
@@ -645,13 +658,13 @@ impl Shared {
     }
 
     async fn connect(self: &Arc<Self>, addr: SocketAddr) -> Result<Live, SendError> {
-        let connecting = self
-            .endpoint
-            .connect(addr, SERVER_NAME)
-            .map_err(|e| SendError::Connect {
-                addr,
-                reason: e.to_string(),
-            })?;
+        let connecting =
+            self.endpoint
+                .connect(addr, SERVER_NAME)
+                .map_err(|e| SendError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                })?;
         let conn = match timeout(self.cfg.connect_timeout, connecting).await {
             None => {
                 warn!(peer = %addr, "connect timed out");
@@ -908,6 +921,25 @@ impl Shared {
     }
 }
 
+/// In TLS 1.3 the client finishes its handshake before the server has
+/// checked the client's certificate, so a refusal of ours arrives as a
+/// close with a TLS alert code right after. Reported as a refused connect.
+fn handshake_refusal(live: &Live) -> Option<SendError> {
+    match live.conn.close_reason() {
+        Some(quinn::ConnectionError::ConnectionClosed(c))
+            if (0x100..0x200).contains(&u64::from(c.error_code)) =>
+        {
+            let addr = live.peer.addr;
+            warn!(peer = %addr, reason = %c, "peer refused our certificate");
+            Some(SendError::Connect {
+                addr,
+                reason: format!("refused by the peer: {c}"),
+            })
+        }
+        _ => None,
+    }
+}
+
 fn check_expect(live: &Live, expect: Option<NodeId>) -> Result<(), SendError> {
     match expect {
         Some(id) if !live.peer.owns(id) => Err(SendError::WrongPeer {
@@ -935,8 +967,7 @@ fn evict_one(map: &mut HashMap<SocketAddr, Arc<Slot>>) {
             st.evicted = true;
             if let Some(l) = st.live.take() {
                 debug!(peer = %addr, "evicting cached connection");
-                l.conn
-                    .close(VarInt::from_u32(CLOSE_EVICTED), b"evicted");
+                l.conn.close(VarInt::from_u32(CLOSE_EVICTED), b"evicted");
             }
         } else {
             return;
