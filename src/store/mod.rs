@@ -21,4 +21,6 @@ pub use db::{BucketStats, Db};
 pub use entry::{Entry, Meta, Pos, WriteOp};
 pub use error::StoreError;
 pub use mem::MemBackend;
-pub use replica::Backend;
+pub use replica::{
+    Action, Backend, Outcome, RemoteError, ReplicaConfig, Replicator, StoreMsg, Value,
+};
