@@ -598,6 +598,7 @@ mod tests {
         Entry {
             version,
             origin: NodeId(1),
+            write_id: 1,
             deleted: false,
             k: 3,
             written_at_ms: 0,
@@ -673,6 +674,7 @@ mod tests {
             upto: super::super::entry::Stamp {
                 version: v,
                 origin: NodeId(o),
+                write_id: 1,
             },
         };
         db.commit_blocking(vec![rm(5, 1)]).unwrap();

@@ -19,7 +19,7 @@ pub const DEFAULT_K: u8 = 3;
 /// Format byte of the current record encoding.
 pub const FORMAT_V1: u8 = 1;
 /// Bytes before the value in a V1 record.
-pub const HEADER_LEN: usize = 1 + 8 + 16 + 1 + 1 + 8;
+pub const HEADER_LEN: usize = 1 + 8 + 16 + 8 + 1 + 1 + 8;
 
 const FLAG_DELETED: u8 = 1;
 
@@ -90,6 +90,10 @@ pub struct Entry {
     /// The root vnode that assigned `version`; breaks ties between two
     /// roots that assigned the same version during a membership change.
     pub origin: NodeId,
+    /// Unique per write at its root: a root that crashed before its own
+    /// commit may hand out the same version again after restart, and the
+    /// two writes must still be told apart and ordered the same everywhere.
+    pub write_id: u64,
     /// A tombstone: kept (with its version) so a delete replicates and a
     /// stale copy can never bring the key back.
     pub deleted: bool,
@@ -105,9 +109,10 @@ impl std::fmt::Debug for Entry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Entry(v{} by {}{}, k={}, {} bytes)",
+            "Entry(v{} by {}#{:x}{}, k={}, {} bytes)",
             self.version,
             self.origin.short(),
+            self.write_id,
             if self.deleted { ", deleted" } else { "" },
             self.k,
             self.value.len()
@@ -121,6 +126,7 @@ impl Entry {
         Stamp {
             version: self.version,
             origin: self.origin,
+            write_id: self.write_id,
         }
     }
 
@@ -128,6 +134,7 @@ impl Entry {
         Meta {
             version: self.version,
             origin: self.origin,
+            write_id: self.write_id,
             deleted: self.deleted,
             k: self.k,
             written_at_ms: self.written_at_ms,
@@ -148,13 +155,14 @@ impl Entry {
         Ok(())
     }
 
-    /// V1 record: format, version, origin, flags, k, written_at_ms (all
-    /// big-endian), then the value bytes.
+    /// V1 record: format, version, origin, write_id, flags, k,
+    /// written_at_ms (all big-endian), then the value bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.value.len());
         out.push(FORMAT_V1);
         out.extend_from_slice(&self.version.to_be_bytes());
         out.extend_from_slice(&self.origin.0.to_be_bytes());
+        out.extend_from_slice(&self.write_id.to_be_bytes());
         out.push(if self.deleted { FLAG_DELETED } else { 0 });
         out.push(self.k);
         out.extend_from_slice(&self.written_at_ms.to_be_bytes());
@@ -167,6 +175,7 @@ impl Entry {
         Ok(Entry {
             version: meta.version,
             origin: meta.origin,
+            write_id: meta.write_id,
             deleted: meta.deleted,
             k: meta.k,
             written_at_ms: meta.written_at_ms,
@@ -176,11 +185,12 @@ impl Entry {
 }
 
 /// Total order of the copies of one key: higher version wins, then the
-/// higher origin id.
+/// higher origin id, then the higher write id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Stamp {
     pub version: u64,
     pub origin: NodeId,
+    pub write_id: u64,
 }
 
 /// An entry without its value: what digests and scans need, read without
@@ -189,6 +199,7 @@ pub struct Stamp {
 pub struct Meta {
     pub version: u64,
     pub origin: NodeId,
+    pub write_id: u64,
     pub deleted: bool,
     pub k: u8,
     pub written_at_ms: u64,
@@ -200,6 +211,7 @@ impl Meta {
         Stamp {
             version: self.version,
             origin: self.origin,
+            write_id: self.write_id,
         }
     }
 
@@ -223,16 +235,17 @@ impl Meta {
         };
         let mut o = [0u8; 16];
         o.copy_from_slice(&bytes[9..25]);
-        let flags = bytes[25];
+        let flags = bytes[33];
         if flags & !FLAG_DELETED != 0 {
             return bad("unknown flag bits");
         }
         let meta = Meta {
             version: u64_at(1),
             origin: NodeId(u128::from_be_bytes(o)),
+            write_id: u64_at(25),
             deleted: flags & FLAG_DELETED != 0,
-            k: bytes[26],
-            written_at_ms: u64_at(27),
+            k: bytes[34],
+            written_at_ms: u64_at(35),
             len: (bytes.len() - HEADER_LEN) as u32,
         };
         check_k(meta.k)?;
@@ -352,6 +365,7 @@ mod tests {
         Entry {
             version,
             origin: NodeId(7),
+            write_id: 99,
             deleted: false,
             k: 3,
             written_at_ms: 1234,
@@ -383,7 +397,7 @@ mod tests {
         t.deleted = true;
         assert!(Entry::decode(&t.encode()).is_err(), "tombstone with value");
         let mut bad_k = entry(1, b"").encode();
-        bad_k[26] = 0;
+        bad_k[34] = 0;
         assert!(matches!(
             Entry::decode(&bad_k),
             Err(StoreError::BadK { k: 0, .. })
@@ -420,6 +434,7 @@ mod tests {
             Some(Stamp {
                 version: v,
                 origin: NodeId(o),
+                write_id: 99,
             })
         };
         assert!(put(1, 1).applies_over(None));
@@ -427,12 +442,22 @@ mod tests {
         assert!(!put(1, 9).applies_over(st(2, 1)));
         assert!(put(2, 9).applies_over(st(2, 1)), "origin breaks ties");
         assert!(!put(2, 1).applies_over(st(2, 1)), "same stamp is a no-op");
+        let mut other = entry(2, b"");
+        other.origin = NodeId(1);
+        other.write_id = 100;
+        let later = WriteOp::Put {
+            bucket: "b".into(),
+            key: "k".into(),
+            entry: other,
+        };
+        assert!(later.applies_over(st(2, 1)), "write id breaks the last tie");
         let rm = WriteOp::Remove {
             bucket: "b".into(),
             key: "k".into(),
             upto: Stamp {
                 version: 5,
                 origin: NodeId(1),
+                write_id: 99,
             },
         };
         assert!(rm.applies_over(st(5, 1)));

@@ -46,6 +46,8 @@ pub const MAX_ITEMS: usize = 1024;
 pub const MAX_MSG: usize = 2 * MAX_VALUE + 64 * 1024;
 /// Rounds a root tries when it finds a newer copy it did not know of.
 const MAX_ATTEMPTS: u8 = 4;
+/// Keys whose last assigned version a root remembers.
+const ASSIGNED_MAX: usize = 16384;
 
 /// A key inside a bucket, on the wire.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -487,8 +489,9 @@ pub struct Replicator {
     /// Wire id of an outgoing replicate or fetch -> the op waiting on it.
     wire: HashMap<ReqId, u64>,
     persists: HashMap<u64, AfterPersist>,
-    /// Highest version handed out per key while writes are in flight.
-    assigned: HashMap<(String, String), (u64, u32)>,
+    /// Highest version handed out per key, for the most recent keys.
+    assigned: HashMap<(String, String), u64>,
+    assigned_order: VecDeque<(String, String)>,
     in_progress: HashMap<(SocketAddr, ReqId), u64>,
     recent: HashMap<(SocketAddr, ReqId), StoreMsg>,
     recent_order: VecDeque<((SocketAddr, ReqId), Micros)>,
@@ -539,6 +542,7 @@ impl Replicator {
             wire: HashMap::new(),
             persists: HashMap::new(),
             assigned: HashMap::new(),
+            assigned_order: VecDeque::new(),
             in_progress: HashMap::new(),
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
@@ -927,14 +931,12 @@ impl Replicator {
             Err(e) => return fail(RemoteError::Storage(e.to_string())),
         };
         let slot = (bucket.clone(), key.clone());
-        let inflight = self.assigned.get(&slot).map_or(0, |a| a.0);
-        let version = stored.max(inflight) + 1;
-        let a = self.assigned.entry(slot).or_insert((0, 0));
-        a.0 = version;
-        a.1 += 1;
+        let version = stored.max(self.assigned_version(&slot)) + 1;
+        self.assign(slot, version);
         let entry = Entry {
             version,
             origin: mine.id,
+            write_id: self.id(),
             deleted: value.is_none(),
             k,
             written_at_ms: now / 1000,
@@ -1026,11 +1028,14 @@ impl Replicator {
             .flatten()
             .map_or(0, |m| m.version);
         let slot = (p.bucket.clone(), p.key.clone());
-        let a = self.assigned.entry(slot).or_insert((0, 1));
-        let version = newer.version.max(stored).max(a.0) + 1;
-        a.0 = version;
-        p.entry.version = version;
-        p.entry.written_at_ms = now / 1000;
+        let version = newer.version.max(stored).max(self.assigned_version(&slot)) + 1;
+        self.assign(slot, version);
+        let write_id = self.id();
+        if let Some(p) = self.puts.get_mut(&op_id) {
+            p.entry.version = version;
+            p.entry.write_id = write_id;
+            p.entry.written_at_ms = now / 1000;
+        }
         self.start_round(now, op_id)
     }
 
@@ -1088,13 +1093,6 @@ impl Replicator {
             return Vec::new();
         };
         self.wire.remove(&p.round);
-        let slot = (p.bucket, p.key);
-        if let Some(a) = self.assigned.get_mut(&slot) {
-            a.1 = a.1.saturating_sub(1);
-            if a.1 == 0 {
-                self.assigned.remove(&slot);
-            }
-        }
         if result.is_ok() {
             self.stats.puts_ok += 1;
         } else {
@@ -1113,6 +1111,23 @@ impl Replicator {
                 req,
                 outcome: Outcome::Put(result),
             }],
+        }
+    }
+
+    /// Highest version this root handed out for a key lately. Kept past
+    /// the write's answer because the local commit may still be pending.
+    fn assigned_version(&self, slot: &(String, String)) -> u64 {
+        self.assigned.get(slot).copied().unwrap_or(0)
+    }
+
+    fn assign(&mut self, slot: (String, String), version: u64) {
+        if self.assigned.insert(slot.clone(), version).is_none() {
+            self.assigned_order.push_back(slot);
+            while self.assigned_order.len() > ASSIGNED_MAX {
+                if let Some(old) = self.assigned_order.pop_front() {
+                    self.assigned.remove(&old);
+                }
+            }
         }
     }
 
