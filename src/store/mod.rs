@@ -1,2 +1,26 @@
 //! Store: redb buckets on each node, and the sans-IO replication core that
 //! places every key on its root and the root's closest leaf-set neighbours.
+//!
+//! Owns: the on-disk record format ([`entry`]), the redb backend with its
+//! group-commit writer ([`db`]), an in-memory backend for tests and the
+//! simulator ([`mem`]) and the replication state machine ([`replica`]).
+//! May call: `crate::id` only. It never imports the overlay: the runtime
+//! hands it replica sets as lists of `NodeHandle`s, closest (the root) first.
+
+pub mod bench;
+pub mod db;
+pub mod entry;
+pub mod error;
+pub mod mem;
+pub mod replica;
+
+#[cfg(test)]
+mod replica_tests;
+
+pub use db::{BucketStats, Db};
+pub use entry::{Entry, Meta, Pos, WriteOp};
+pub use error::StoreError;
+pub use mem::MemBackend;
+pub use replica::{
+    Action, Backend, Outcome, RemoteError, ReplicaConfig, Replicator, StoreMsg, Value,
+};
