@@ -156,3 +156,99 @@ pub fn status(c: &ClientArgs, json: bool) -> i32 {
         }
     }
 }
+
+pub fn ca(c: CaCmd) -> i32 {
+    use crate::transport::{ca_init, ca_issue, IssueRequest};
+    match c {
+        CaCmd::Init { dir } => match ca_init(&dir) {
+            Ok(info) => {
+                println!("created CA in {}", dir.display());
+                println!(
+                    "  key          {} (mode 0600: keep it offline)",
+                    info.key_path.display()
+                );
+                println!("  certificate  {}", info.cert_path.display());
+                println!("  fingerprint  sha256:{}", info.fingerprint);
+                EXIT_OK
+            }
+            Err(e) => {
+                eprintln!("capy: {e}");
+                EXIT_FAILED
+            }
+        },
+        CaCmd::Issue {
+            dir,
+            name,
+            max_vnodes,
+            zone,
+            days,
+            out,
+        } => {
+            let mut req = IssueRequest::new(name);
+            req.max_vnodes = max_vnodes;
+            req.zone = zone;
+            req.valid_days = days;
+            match ca_issue(&dir, &req, &out) {
+                Ok(info) => {
+                    println!(
+                        "issued a certificate for {} into {}",
+                        info.name,
+                        out.display()
+                    );
+                    println!("  zone {}, at most {} vnodes", info.zone, info.max_vnodes);
+                    println!("  node id {}", info.vnode_id(0));
+                    EXIT_OK
+                }
+                Err(e) => {
+                    eprintln!("capy: {e}");
+                    EXIT_FAILED
+                }
+            }
+        }
+    }
+}
+
+pub fn sim(s: SimArgs) -> i32 {
+    match s.what {
+        Some(SimCmd::Game { nodes, seed, json }) => {
+            let _ = (nodes, seed, json);
+            eprintln!("capy: sim game is not wired yet");
+            EXIT_FAILED
+        }
+        None => {
+            eprintln!("capy: sim not wired yet");
+            EXIT_FAILED
+        }
+    }
+}
+
+pub fn bench(b: BenchCmd) -> i32 {
+    match b {
+        BenchCmd::Kv {
+            nodes,
+            ops,
+            clients,
+            value_size,
+            json,
+        } => match super::bench::kv(nodes, ops, clients, value_size) {
+            Ok(r) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                } else {
+                    println!(
+                        "{} nodes, {} clients, {}-byte values\nput: p50 {:.3} ms  p99 {:.3} ms  {:.0} ops/s  ({} errors)\nget: p50 {:.3} ms  p99 {:.3} ms  {:.0} ops/s  ({} errors)\nidle RSS of one node: {:.1} MiB (after load {:.1} MiB)",
+                        r.nodes, r.clients, r.value_size,
+                        r.put.p50_ms, r.put.p99_ms, r.put.ops_per_s, r.put.errors,
+                        r.get.p50_ms, r.get.p99_ms, r.get.ops_per_s, r.get.errors,
+                        r.idle_rss_mb, r.loaded_rss_mb
+                    );
+                }
+                EXIT_OK
+            }
+            Err(e) => {
+                eprintln!("capy: bench kv: {e}");
+                EXIT_FAILED
+            }
+        },
+    }
+}

@@ -165,14 +165,19 @@ impl LocalCluster {
             .args(["--listen", &n.quic.to_string()])
             .args(["--http", &n.http.to_string()])
             .args(&n.extra_args)
-            .env("CAPY_LOG", std::env::var("CAPY_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "CAPY_LOG",
+                std::env::var("CAPY_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
         if let Some(j) = n.join {
             cmd.args(["--join", &j.to_string()]);
         }
-        let child = cmd.spawn().map_err(|e| format!("starting {}: {e}", n.name))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", n.name))?;
         n.child = Some(child);
         Ok(())
     }
@@ -217,7 +222,13 @@ impl LocalCluster {
         }
     }
 
-    pub fn http(&self, i: usize, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Reply, String> {
+    pub fn http(
+        &self,
+        i: usize,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, String> {
         let url = format!("{}{}", self.nodes[i].url(), path);
         smol::block_on(http::call(
             &url,

@@ -7,7 +7,9 @@
 //! printed); 2 bad usage or bad input file; 3 the node could not be reached;
 //! 4 the key (or object) does not exist.
 
+mod bench;
 mod client;
+pub mod cluster;
 
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;

@@ -92,7 +92,10 @@ pub fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> R
 pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => full(status, "application/json", body),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("encoding reply: {e}")),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("encoding reply: {e}"),
+        ),
     }
 }
 
@@ -120,7 +123,10 @@ pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Re
     }
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(too_large(limit))
         }
         Err(e) => Err(error(
@@ -393,14 +399,24 @@ mod tests {
             let addr = l.local_addr().unwrap();
             let task = smol::spawn(serve(l, Arc::new(Echo)));
             let url = format!("http://{addr}/x");
-            let r = call(&url, Method::POST, Some((b"hi".to_vec(), "text/plain")), Duration::from_secs(5))
-                .await
-                .unwrap();
+            let r = call(
+                &url,
+                Method::POST,
+                Some((b"hi".to_vec(), "text/plain")),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
             assert_eq!(r.status, StatusCode::OK);
             assert_eq!(&r.body[..], b"hi");
-            let r = call(&url, Method::POST, Some((vec![b'x'; 17], "text/plain")), Duration::from_secs(5))
-                .await
-                .unwrap();
+            let r = call(
+                &url,
+                Method::POST,
+                Some((vec![b'x'; 17], "text/plain")),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
             assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
             assert!(r.message().contains("16 bytes"), "{}", r.message());
             drop(task);

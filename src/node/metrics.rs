@@ -30,7 +30,10 @@ impl Default for Histogram {
 
 impl Histogram {
     pub fn record_us(&self, us: u64) {
-        let i = BOUNDS_US.iter().position(|&b| us <= b).unwrap_or(BOUNDS_US.len());
+        let i = BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(BOUNDS_US.len());
         self.buckets[i].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
         self.count.fetch_add(1, Relaxed);
@@ -93,10 +96,10 @@ impl Labeled {
     }
     pub fn add(&self, label: &str, n: u64) {
         let Ok(mut v) = self.0.lock() else { return };
-        match v.iter_mut().find(|(l, _)| l == label) {
-            Some((_, c)) => *c += n,
-            None if v.len() < 256 => v.push((label.to_string(), n)),
-            None => {}
+        if let Some((_, c)) = v.iter_mut().find(|(l, _)| l == label) {
+            *c += n;
+        } else if v.len() < 256 {
+            v.push((label.to_string(), n));
         }
     }
     pub fn get(&self, label: &str) -> u64 {
@@ -151,10 +154,32 @@ impl Metrics {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
             h.render(o, name, "");
         };
-        labeled(&mut o, "capy_messages_in_total", "Cluster messages received.", "kind", &self.msgs_in);
-        labeled(&mut o, "capy_messages_out_total", "Cluster messages sent.", "kind", &self.msgs_out);
-        counter(&mut o, "capy_send_failures_total", "Sends to a peer that failed.", self.send_failures.load(Relaxed));
-        counter(&mut o, "capy_refused_peers_total", "Peers refused for their certificate or ids.", self.refused_peers.load(Relaxed));
+        labeled(
+            &mut o,
+            "capy_messages_in_total",
+            "Cluster messages received.",
+            "kind",
+            &self.msgs_in,
+        );
+        labeled(
+            &mut o,
+            "capy_messages_out_total",
+            "Cluster messages sent.",
+            "kind",
+            &self.msgs_out,
+        );
+        counter(
+            &mut o,
+            "capy_send_failures_total",
+            "Sends to a peer that failed.",
+            self.send_failures.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "capy_refused_peers_total",
+            "Peers refused for their certificate or ids.",
+            self.refused_peers.load(Relaxed),
+        );
         let _ = writeln!(o, "# HELP capy_route_hops Routed messages delivered here, by overlay hops taken.\n# TYPE capy_route_hops histogram");
         let mut acc = 0;
         let mut sum = 0;
@@ -165,13 +190,50 @@ impl Metrics {
             let _ = writeln!(o, "capy_route_hops_bucket{{le=\"{i}\"}} {acc}");
         }
         let _ = writeln!(o, "capy_route_hops_bucket{{le=\"+Inf\"}} {acc}\ncapy_route_hops_sum {sum}\ncapy_route_hops_count {acc}");
-        labeled(&mut o, "capy_store_operations_total", "Store operations served to clients.", "op", &self.store_ops);
-        labeled(&mut o, "capy_store_errors_total", "Store operations that failed.", "op", &self.store_errors);
-        hist(&mut o, "capy_put_latency_seconds", "Client put latency, until a majority committed.", &self.put_latency);
-        hist(&mut o, "capy_get_latency_seconds", "Client get latency.", &self.get_latency);
-        hist(&mut o, "capy_replication_lag_seconds", "Time from a root's write to a replica's commit.", &self.replication_lag);
-        hist(&mut o, "capy_commit_latency_seconds", "Local redb commit latency (fsync included).", &self.commit_latency);
-        counter(&mut o, "capy_http_requests_total", "HTTP requests served.", self.http_requests.load(Relaxed));
+        labeled(
+            &mut o,
+            "capy_store_operations_total",
+            "Store operations served to clients.",
+            "op",
+            &self.store_ops,
+        );
+        labeled(
+            &mut o,
+            "capy_store_errors_total",
+            "Store operations that failed.",
+            "op",
+            &self.store_errors,
+        );
+        hist(
+            &mut o,
+            "capy_put_latency_seconds",
+            "Client put latency, until a majority committed.",
+            &self.put_latency,
+        );
+        hist(
+            &mut o,
+            "capy_get_latency_seconds",
+            "Client get latency.",
+            &self.get_latency,
+        );
+        hist(
+            &mut o,
+            "capy_replication_lag_seconds",
+            "Time from a root's write to a replica's commit.",
+            &self.replication_lag,
+        );
+        hist(
+            &mut o,
+            "capy_commit_latency_seconds",
+            "Local redb commit latency (fsync included).",
+            &self.commit_latency,
+        );
+        counter(
+            &mut o,
+            "capy_http_requests_total",
+            "HTTP requests served.",
+            self.http_requests.load(Relaxed),
+        );
         for (name, help, v) in extra {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }

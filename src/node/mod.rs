@@ -1,2 +1,321 @@
 //! Node runtime: the one place that wires the parts together on one smol
-//! executor.
+//! executor. It owns the process: configuration, identity, the transport,
+//! the store, the protocol cores, the HTTP server, systemd notifications and
+//! signals. The cores never see a socket or a clock; this module feeds them.
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod peers;
+pub mod runtime;
+pub mod status;
+
+use crate::cli::{RunArgs, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use crate::store::Db;
+use crate::transport::{self, Identity, Transport, TransportConfig};
+use config::NodeConfig;
+use runtime::Node;
+use serde_json::json;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use runtime::OpError;
+
+/// Defaults, then the config file, then flags.
+pub fn resolve_config(args: &RunArgs) -> Result<NodeConfig, String> {
+    let mut cfg = match &args.config {
+        Some(p) => NodeConfig::from_file(p).map_err(|e| e.to_string())?,
+        None => NodeConfig::default(),
+    };
+    if let Some(d) = &args.data {
+        cfg.data = Some(d.clone());
+    }
+    if let Some(l) = args.listen {
+        cfg.listen = l;
+    }
+    if let Some(a) = args.advertise {
+        cfg.advertise = Some(a);
+    }
+    if let Some(h) = args.http {
+        cfg.http = h;
+    }
+    if !args.join.is_empty() {
+        cfg.join = args.join.clone();
+    }
+    if let Some(b) = &args.board {
+        cfg.board = Some(b.clone());
+    }
+    if let Some(l) = &args.log {
+        cfg.log = l.clone();
+    }
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+fn init_logging(filter: &str) {
+    let f = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(f)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// The address other nodes reach us at: `advertise`, or the listen address,
+/// or for a wildcard listen the address of the interface that routes to the
+/// outside (found without sending anything).
+fn advertised(cfg: &NodeConfig, bound: SocketAddr) -> SocketAddr {
+    if let Some(a) = cfg.advertise {
+        return a;
+    }
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let ip = UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.connect("192.0.2.1:9")?;
+            s.local_addr()
+        })
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    SocketAddr::new(ip, bound.port())
+}
+
+/// `capy run`: returns the exit code.
+pub fn run_cmd(args: RunArgs) -> i32 {
+    let cfg = match resolve_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("capy: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    init_logging(&cfg.log);
+    match smol::block_on(run(cfg)) {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("capy: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
+async fn run(cfg: NodeConfig) -> Result<(), String> {
+    let dir = cfg.data_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("data dir {}: {e}", dir.display()))?;
+    match transport::ensure_dev_identity(&dir) {
+        Ok(true) => tracing::warn!(
+            "no certificate in {}: created a local dev CA and a node certificate there \
+             (fine for one node; issue real ones with `capy ca issue` for a cluster)",
+            dir.display()
+        ),
+        Ok(false) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let identity = Identity::load(&dir).map_err(|e| e.to_string())?;
+    let (db, quarantined) =
+        Db::open_or_quarantine(dir.join("store.redb")).map_err(|e| e.to_string())?;
+    if let Some(q) = quarantined {
+        tracing::error!(
+            "the store file was unreadable; moved it to {} and started an empty store \
+             (replicas on other nodes will refill it)",
+            q.display()
+        );
+    }
+    let tcfg = TransportConfig::default();
+    let (transport, incoming) = Transport::bind(&identity, cfg.listen, tcfg)
+        .map_err(|e| format!("binding {}: {e}", cfg.listen))?;
+    let adv = advertised(&cfg, transport.local_addr());
+    let http_listener = smol::net::TcpListener::bind(cfg.http)
+        .await
+        .map_err(|e| format!("binding HTTP on {}: {e}", cfg.http))?;
+    let http_addr = http_listener.local_addr().map_err(|e| e.to_string())?;
+    let join = cfg.join.clone();
+    let node = Node::new(cfg, &identity, transport, adv, db);
+    if let Ok(mut h) = node.http.lock() {
+        *h = Some(http_addr);
+    }
+    tracing::info!(
+        name = %node.name,
+        zone = %node.zone,
+        vnodes = ?node.vnode_ids().iter().map(|v| v.short()).collect::<Vec<_>>(),
+        quic = %adv,
+        http = %http_addr,
+        "capy node starting"
+    );
+
+    smol::spawn(node.clone().receive_loop(incoming)).detach();
+    smol::spawn(node.clone().tick_loop()).detach();
+    smol::spawn(node.clone().remember_peers_loop()).detach();
+    smol::spawn(node.clone().join_loop(join)).detach();
+    let api: Arc<dyn crate::http::Handler> = Arc::new(api::Api(node.clone()));
+    smol::spawn(async move {
+        if let Err(e) = crate::http::serve(http_listener, api).await {
+            tracing::error!("HTTP server stopped: {e}");
+        }
+    })
+    .detach();
+
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let mut wd_us = 0;
+    if sd_notify::watchdog_enabled(false, &mut wd_us) {
+        let period = Duration::from_micros(wd_us / 2);
+        let n = node.clone();
+        smol::spawn(async move {
+            loop {
+                smol::Timer::after(period).await;
+                // Only pet the watchdog while the executor and the cores
+                // respond: a wedged node gets restarted.
+                let _ = n.joined();
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        })
+        .detach();
+    }
+
+    wait_for_signal().await;
+    tracing::info!("stopping: leaving the overlay");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    node.leave().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use async_signal::{Signal, Signals};
+    use futures_lite::StreamExt;
+    match Signals::new([Signal::Term, Signal::Int]) {
+        Ok(mut s) => {
+            let _ = s.next().await;
+        }
+        Err(e) => {
+            tracing::warn!("cannot listen for signals ({e}); stop the node with SIGKILL");
+            futures_lite::future::pending::<()>().await;
+        }
+    }
+}
+
+/// `GET /api/status`.
+pub fn status_json(node: &Node) -> serde_json::Value {
+    let cores = node.lock();
+    let mut peers: Vec<serde_json::Value> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut vnodes = Vec::new();
+    let mut min_leaf = usize::MAX;
+    for p in cores.vnodes.values() {
+        let leaf = p.leaf_set();
+        min_leaf = min_leaf.min(leaf.len());
+        for (h, rtt) in p.neighbours() {
+            if seen.insert(h.id) {
+                peers.push(
+                    json!({ "id": h.id.to_string(), "addr": h.addr.to_string(), "rtt_us": rtt }),
+                );
+            }
+        }
+        vnodes.push(json!({
+            "id": p.me().id.to_string(),
+            "joined": p.joined(),
+            "leaf_set": leaf.iter().map(|h| json!({ "id": h.id.to_string(), "addr": h.addr.to_string() })).collect::<Vec<_>>(),
+            "routing_fill": p.routing_fill(),
+        }));
+    }
+    let joined = cores.vnodes.values().all(|p| p.joined());
+    let rstats = cores.replica.stats();
+    drop(cores);
+    let mut buckets = Vec::new();
+    let (mut keys, mut bytes) = (0u64, 0u64);
+    for b in node.db.buckets().unwrap_or_default() {
+        if let Ok(s) = node.db.stats(&b) {
+            keys += s.keys;
+            bytes += s.bytes;
+            buckets.push(json!({ "name": b, "keys": s.keys, "bytes": s.bytes }));
+        }
+    }
+    let m = &node.metrics;
+    json!({
+        "node": {
+            "name": node.name,
+            "zone": node.zone,
+            "max_vnodes": node.max_vnodes,
+            "quic": node.quic.to_string(),
+            "http": node.http.lock().ok().and_then(|h| *h).map(|h| h.to_string()),
+            "version": env!("CARGO_PKG_VERSION"),
+        },
+        "uptime_s": node.uptime().as_secs(),
+        "joined": joined,
+        "vnodes": vnodes,
+        "leaf_set_size": if min_leaf == usize::MAX { 0 } else { min_leaf },
+        "leaf_set_capacity": node.cfg.leaf_set,
+        "peers": peers,
+        "store": {
+            "keys": keys,
+            "bytes": bytes,
+            "buckets": buckets,
+            "replicas": node.cfg.replicas,
+            "replication": format!("{rstats:?}"),
+        },
+        "traffic": {
+            "messages_in": m.msgs_in.snapshot().iter().map(|(_, v)| v).sum::<u64>(),
+            "messages_out": m.msgs_out.snapshot().iter().map(|(_, v)| v).sum::<u64>(),
+            "send_failures": m.send_failures.load(std::sync::atomic::Ordering::Relaxed),
+            "puts": m.store_ops.get("put"),
+            "gets": m.store_ops.get("get"),
+            "deletes": m.store_ops.get("delete"),
+            "put_p50_us": m.put_latency.quantile_us(0.5),
+            "get_p50_us": m.get_latency.quantile_us(0.5),
+        },
+    })
+}
+
+/// `GET /metrics`.
+pub fn metrics_text(node: &Node) -> String {
+    let (vnodes, leaf) = {
+        let c = node.lock();
+        let leaf = c
+            .vnodes
+            .values()
+            .map(|p| p.leaf_set().len())
+            .min()
+            .unwrap_or(0);
+        (c.vnodes.len(), leaf)
+    };
+    let mut keys = 0u64;
+    let mut bytes = 0u64;
+    for b in node.db.buckets().unwrap_or_default() {
+        if let Ok(s) = node.db.stats(&b) {
+            keys += s.keys;
+            bytes += s.bytes;
+        }
+    }
+    node.metrics.render(&[
+        ("capy_vnodes", "Vnodes this node runs.", vnodes as f64),
+        (
+            "capy_leaf_set_size",
+            "Smallest leaf set among this node's vnodes.",
+            leaf as f64,
+        ),
+        (
+            "capy_store_keys",
+            "Keys held in the local store (tombstones included).",
+            keys as f64,
+        ),
+        (
+            "capy_store_bytes",
+            "Bytes of values held in the local store.",
+            bytes as f64,
+        ),
+        (
+            "capy_transport_connections",
+            "Open QUIC connections.",
+            node.transport.connections() as f64,
+        ),
+        (
+            "capy_uptime_seconds",
+            "Seconds since the node started.",
+            node.uptime().as_secs_f64(),
+        ),
+    ])
+}

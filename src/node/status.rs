@@ -25,7 +25,12 @@ pub fn render_text(v: &Value) -> String {
         s(&n["zone"]),
         s(&v["uptime_s"])
     );
-    let _ = writeln!(o, "address   quic {}  http {}", s(&n["quic"]), s(&n["http"]));
+    let _ = writeln!(
+        o,
+        "address   quic {}  http {}",
+        s(&n["quic"]),
+        s(&n["http"])
+    );
     let _ = writeln!(o, "joined    {}", s(&v["joined"]));
     if let Some(vn) = v["vnodes"].as_array() {
         let _ = writeln!(o, "vnodes    {} (max {})", vn.len(), s(&n["max_vnodes"]));
@@ -56,7 +61,12 @@ pub fn render_text(v: &Value) -> String {
         }
     }
     let st = &v["store"];
-    let _ = writeln!(o, "store     {} keys, {} bytes", s(&st["keys"]), s(&st["bytes"]));
+    let _ = writeln!(
+        o,
+        "store     {} keys, {} bytes",
+        s(&st["keys"]),
+        s(&st["bytes"])
+    );
     if let Some(b) = st["buckets"].as_array() {
         for x in b {
             let _ = writeln!(

@@ -18,7 +18,7 @@ pub mod replica;
 mod replica_tests;
 
 pub use db::{BucketStats, Db};
-pub use entry::{Entry, Meta, Pos, WriteOp};
+pub use entry::{Entry, Meta, Pos, WriteOp, MAX_KEY, MAX_VALUE};
 pub use error::StoreError;
 pub use mem::MemBackend;
 pub use replica::{

@@ -1,0 +1,128 @@
+//! The node's HTTP routes: status page, JSON API, metrics. Every error is a
+//! JSON body `{"error": "..."}` with a status a client can act on.
+
+use super::runtime::{Node, OpError};
+use crate::http::{self, BoxFuture, Handler, Resp};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+pub struct Api(pub Arc<Node>);
+
+impl Handler for Api {
+    fn call(&self, req: Request<Incoming>, _peer: SocketAddr) -> BoxFuture<Resp> {
+        let node = self.0.clone();
+        Box::pin(async move {
+            node.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
+            route(node, req).await
+        })
+    }
+}
+
+fn op_error(e: OpError) -> Resp {
+    let status = match e {
+        OpError::Invalid(_) => StatusCode::BAD_REQUEST,
+        OpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        OpError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        OpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    http::error(status, &e.to_string())
+}
+
+/// The `bucket` query parameter, default "default".
+fn bucket_of(req: &Request<Incoming>) -> Result<String, String> {
+    let Some(q) = req.uri().query() else {
+        return Ok("default".into());
+    };
+    for pair in q.split('&') {
+        if let Some(v) = pair.strip_prefix("bucket=") {
+            return http::percent_decode(v);
+        }
+    }
+    Ok("default".into())
+}
+
+async fn route(node: Arc<Node>, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    match (method.clone(), path.as_str()) {
+        (Method::GET, "/") => http::full(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            super::status::PAGE,
+        ),
+        (Method::GET, "/api/status") => http::json(StatusCode::OK, &super::status_json(&node)),
+        (Method::GET, "/metrics") => http::full(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            super::metrics_text(&node),
+        ),
+        (_, p) if p.starts_with("/api/kv/") => {
+            let raw = &p["/api/kv/".len()..];
+            let key = match http::percent_decode(raw) {
+                Ok(k) if !k.is_empty() => k,
+                Ok(_) => return http::error(StatusCode::BAD_REQUEST, "empty key"),
+                Err(e) => return http::error(StatusCode::BAD_REQUEST, &e),
+            };
+            let bucket = match bucket_of(&req) {
+                Ok(b) => b,
+                Err(e) => return http::error(StatusCode::BAD_REQUEST, &e),
+            };
+            kv(node, method, &bucket, &key, req).await
+        }
+        (_, "/" | "/api/status" | "/metrics") => http::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{method} is not allowed on {path}"),
+        ),
+        _ => http::error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+    }
+}
+
+async fn kv(
+    node: Arc<Node>,
+    method: Method,
+    bucket: &str,
+    key: &str,
+    req: Request<Incoming>,
+) -> Resp {
+    match method {
+        Method::PUT | Method::POST => {
+            let body = match http::read_body(req, node.cfg.max_value).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            match node.put(bucket, key, Some(body.to_vec())).await {
+                Ok(version) => http::json(
+                    StatusCode::OK,
+                    &json!({ "bucket": bucket, "key": key, "version": version }),
+                ),
+                Err(e) => op_error(e),
+            }
+        }
+        Method::GET => match node.get(bucket, key).await {
+            Ok(Some(v)) => {
+                let mut r = http::full(StatusCode::OK, "application/octet-stream", v.value);
+                if let Ok(h) = hyper::header::HeaderValue::from_str(&v.version.to_string()) {
+                    r.headers_mut().insert("x-capy-version", h);
+                }
+                r
+            }
+            Ok(None) => http::error(StatusCode::NOT_FOUND, &format!("no such key: {key}")),
+            Err(e) => op_error(e),
+        },
+        Method::DELETE => match node.put(bucket, key, None).await {
+            Ok(version) => http::json(
+                StatusCode::OK,
+                &json!({ "bucket": bucket, "key": key, "deleted": true, "version": version }),
+            ),
+            Err(e) => op_error(e),
+        },
+        m => http::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{m} is not allowed on /api/kv/"),
+        ),
+    }
+}
