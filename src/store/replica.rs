@@ -731,6 +731,21 @@ impl Replicator {
                 key,
                 entry,
             } => {
+                // Another write already holds this version (or a later
+                // one): storing ours would order two writes by id alone,
+                // so say what is held and let the root write above it.
+                if let Ok(Some(m)) = backend.meta(&bucket, &key) {
+                    if m.version >= entry.version && m.stamp() != entry.stamp() {
+                        return vec![send(
+                            from,
+                            StoreMsg::ReplicateAck {
+                                req,
+                                ok: true,
+                                held: Some(m.stamp()),
+                            },
+                        )];
+                    }
+                }
                 let token = self.id();
                 self.persists.insert(
                     token,
@@ -820,7 +835,7 @@ impl Replicator {
                         p.local = Local::Done;
                         self.check_put(now, op)
                     }
-                    Some(h) if h > ours => self.restart_put(now, op, h, backend),
+                    Some(h) if h.version >= ours.version => self.restart_put(now, op, h, backend),
                     _ => {
                         p.local = Local::Failed;
                         Vec::new()
@@ -1065,7 +1080,7 @@ impl Replicator {
                 }
                 self.check_put(now, op_id)
             }
-            Some(h) if h > ours => self.restart_put(now, op_id, h, backend),
+            Some(h) if h.version >= ours.version => self.restart_put(now, op_id, h, backend),
             _ => Vec::new(),
         }
     }
