@@ -105,8 +105,7 @@ pub fn measure(
                 ex.spawn(async move {
                     let mut n = 0u64;
                     while Instant::now() < deadline {
-                        db.commit(vec![op(1_000_000 * (s + 1) + n, &value)])
-                            .await?;
+                        db.commit(vec![op(1_000_000 * (s + 1) + n, &value)]).await?;
                         n += 1;
                     }
                     Ok::<u64, StoreError>(n)

@@ -32,6 +32,8 @@ const BUCKET_PREFIX: &str = "kv/";
 /// wait for the next one.
 const GROUP_MAX_OPS: usize = 8192;
 const GROUP_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Batches waiting for the writer before submitters are held back.
+const WRITER_QUEUE: usize = 1024;
 
 fn table_name(bucket: &str) -> String {
     format!("{BUCKET_PREFIX}{bucket}")
@@ -200,7 +202,9 @@ impl Db {
         let db = open_redb(path)?;
         check_identity(path, &db)?;
         let db = Arc::new(db);
-        let (tx, rx) = smol::channel::unbounded();
+        // Bounded: under overload submitters wait here (back-pressure)
+        // instead of queueing without limit.
+        let (tx, rx) = smol::channel::bounded(WRITER_QUEUE);
         let counters = Arc::new(Counters::default());
         let writer = {
             let db = db.clone();

@@ -26,7 +26,7 @@ fn test_cfg() -> ReplicaConfig {
         maintain_every: 1_000 * MS,
         scan_budget: 4,
         digest_batch: 3,
-        push_bytes: 64,
+        push_bytes: 200,
         confirm_ttl: 5_000 * MS,
         ..ReplicaConfig::default()
     }
@@ -1033,4 +1033,74 @@ fn chaos_case_1() {
         Leave(7),
     ];
     chaos(14820448478472456348, 5, 2, 0, 0, ops).unwrap();
+}
+
+#[test]
+fn pushes_of_big_values_fit_the_wire_bound() {
+    let cfg = ReplicaConfig {
+        push_bytes: usize::MAX,
+        ..ReplicaConfig::default()
+    };
+    let mut core = Replicator::new(addr(0), cfg, 1);
+    let mut disk = MemBackend::new();
+    let big = super::entry::MAX_VALUE;
+    let mut want = Vec::new();
+    let mut ops = Vec::new();
+    for (i, len) in [big, big - 10, 1000, big, 5].iter().enumerate() {
+        let key = format!("{}{i}", "k".repeat(1000));
+        ops.push(WriteOp::Put {
+            bucket: BUCKET.into(),
+            key: key.clone(),
+            entry: Entry {
+                version: 1,
+                origin: NodeId(1),
+                write_id: 1,
+                deleted: false,
+                k: 3,
+                written_at_ms: 0,
+                value: vec![1; *len],
+            },
+        });
+        want.push(super::replica::KeyRef {
+            bucket: BUCKET.into(),
+            key,
+        });
+    }
+    disk.apply(&ops).unwrap();
+    let peer = NodeHandle {
+        id: NodeId(9),
+        addr: addr(1),
+    };
+    let place = |_: NodeId, _: usize| Vec::new();
+    let acts = core.handle(
+        0,
+        peer,
+        StoreMsg::DigestReply {
+            want,
+            have: Vec::new(),
+        },
+        &disk,
+        &place,
+    );
+    let mut pushed = 0;
+    for a in acts {
+        let Action::Send {
+            msg: msg @ StoreMsg::Push { .. },
+            ..
+        } = a
+        else {
+            panic!("unexpected {a:?}")
+        };
+        let bytes = msg.encode().unwrap();
+        assert!(
+            bytes.len() <= super::replica::MAX_MSG,
+            "{} bytes",
+            bytes.len()
+        );
+        let StoreMsg::Push { items } = StoreMsg::decode(&bytes).unwrap() else {
+            unreachable!()
+        };
+        pushed += items.len();
+    }
+    assert_eq!(pushed, 5);
 }
