@@ -823,6 +823,24 @@ mod tests {
     }
 
     #[test]
+    fn truncated_file_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        {
+            let db = Db::open(&path).unwrap();
+            db.commit_blocking(vec![put("b", "k", entry(1, b"v"))])
+                .unwrap();
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        // redb asserts on this one; with unwinding panics that is caught
+        let e = Db::open(&path).err().expect("truncated");
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+        let (_db, aside) = Db::open_or_quarantine(&path).unwrap();
+        assert!(aside.is_some());
+    }
+
+    #[test]
     fn foreign_redb_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
