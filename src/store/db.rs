@@ -32,6 +32,8 @@ const BUCKET_PREFIX: &str = "kv/";
 /// wait for the next one.
 const GROUP_MAX_OPS: usize = 8192;
 const GROUP_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Batches waiting for the writer before submitters are held back.
+const WRITER_QUEUE: usize = 1024;
 
 fn table_name(bucket: &str) -> String {
     format!("{BUCKET_PREFIX}{bucket}")
@@ -200,7 +202,9 @@ impl Db {
         let db = open_redb(path)?;
         check_identity(path, &db)?;
         let db = Arc::new(db);
-        let (tx, rx) = smol::channel::unbounded();
+        // Bounded: under overload submitters wait here (back-pressure)
+        // instead of queueing without limit.
+        let (tx, rx) = smol::channel::bounded(WRITER_QUEUE);
         let counters = Arc::new(Counters::default());
         let writer = {
             let db = db.clone();
@@ -816,6 +820,24 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let e = Db::open(&path).err().expect("damaged header");
         assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    }
+
+    #[test]
+    fn truncated_file_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        {
+            let db = Db::open(&path).unwrap();
+            db.commit_blocking(vec![put("b", "k", entry(1, b"v"))])
+                .unwrap();
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        // redb asserts on this one; with unwinding panics that is caught
+        let e = Db::open(&path).err().expect("truncated");
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+        let (_db, aside) = Db::open_or_quarantine(&path).unwrap();
+        assert!(aside.is_some());
     }
 
     #[test]

@@ -42,8 +42,9 @@ pub type ReqId = u64;
 
 /// Most items in one digest, pull, push or reply.
 pub const MAX_ITEMS: usize = 1024;
-/// Largest encoded store message; one maximal value plus headroom.
-pub const MAX_MSG: usize = 2 * MAX_VALUE + 64 * 1024;
+/// Largest encoded store message: a push of up to `MAX_VALUE` bytes plus
+/// one maximal entry and headroom. The transport's frame bound must admit it.
+pub const MAX_MSG: usize = 2 * MAX_VALUE + 256 * 1024;
 /// Rounds a root tries when it finds a newer copy it did not know of.
 const MAX_ATTEMPTS: u8 = 4;
 /// Keys whose last assigned version a root remembers.
@@ -343,7 +344,8 @@ pub struct ReplicaConfig {
     pub scan_budget: usize,
     /// Items per digest message.
     pub digest_batch: usize,
-    /// Value bytes per push message (at least one entry is always sent).
+    /// Bytes per push message, at most `MAX_VALUE` (one entry is always
+    /// sent, however large).
     pub push_bytes: usize,
     /// Hand-off and collection confirmations older than this are dropped
     /// (the next pass asks again).
@@ -370,7 +372,7 @@ impl Default for ReplicaConfig {
             maintain_every: 10_000_000,
             scan_budget: 512,
             digest_batch: 256,
-            push_bytes: 8 * 1024 * 1024,
+            push_bytes: MAX_VALUE,
             confirm_ttl: 30_000_000,
             tombstone_gc_age_ms: 24 * 3600 * 1000,
             max_ops: 4096,
@@ -731,6 +733,21 @@ impl Replicator {
                 key,
                 entry,
             } => {
+                // Another write already holds this version (or a later
+                // one): storing ours would order two writes by id alone,
+                // so say what is held and let the root write above it.
+                if let Ok(Some(m)) = backend.meta(&bucket, &key) {
+                    if m.version >= entry.version && m.stamp() != entry.stamp() {
+                        return vec![send(
+                            from,
+                            StoreMsg::ReplicateAck {
+                                req,
+                                ok: true,
+                                held: Some(m.stamp()),
+                            },
+                        )];
+                    }
+                }
                 let token = self.id();
                 self.persists.insert(
                     token,
@@ -757,7 +774,7 @@ impl Replicator {
                 }
             },
             StoreMsg::FetchReply { req, entry } => self.on_fetch_reply(from, req, entry),
-            StoreMsg::Digest { items } => self.on_digest(now, from, items, backend),
+            StoreMsg::Digest { items } => self.on_digest(from, items, backend),
             StoreMsg::DigestReply { want, have } => {
                 let mut out = self.push_items(from, &want, backend);
                 out.extend(self.on_have(now, from, have, true, backend, placement));
@@ -820,7 +837,7 @@ impl Replicator {
                         p.local = Local::Done;
                         self.check_put(now, op)
                     }
-                    Some(h) if h > ours => self.restart_put(now, op, h, backend),
+                    Some(h) if h.version >= ours.version => self.restart_put(now, op, h, backend),
                     _ => {
                         p.local = Local::Failed;
                         Vec::new()
@@ -1065,7 +1082,7 @@ impl Replicator {
                 }
                 self.check_put(now, op_id)
             }
-            Some(h) if h > ours => self.restart_put(now, op_id, h, backend),
+            Some(h) if h.version >= ours.version => self.restart_put(now, op_id, h, backend),
             _ => Vec::new(),
         }
     }
@@ -1432,10 +1449,10 @@ impl Replicator {
             if !(self.scan.dirty || now >= self.scan.next_at) {
                 return Vec::new();
             }
+            // A change during a pass leaves `dirty` set, so the keys the
+            // pass had already passed are seen again right after it ends
+            // (restarting instead could starve the tail under churn).
             self.scan.active = true;
-            self.scan.cursor = None;
-        }
-        if self.scan.dirty {
             self.scan.dirty = false;
             self.scan.cursor = None;
         }
@@ -1539,12 +1556,10 @@ impl Replicator {
 
     fn on_digest(
         &mut self,
-        now: Micros,
         from: NodeHandle,
         items: Vec<DigestItem>,
         backend: &dyn Backend,
     ) -> Vec<Action> {
-        let _ = now;
         let mut want = Vec::new();
         let mut have = Vec::new();
         for it in items {
@@ -1574,13 +1589,15 @@ impl Replicator {
         vec![send(from, StoreMsg::DigestReply { want, have })]
     }
 
-    /// Sends whole entries for `keys`, in pushes bounded by `push_bytes`.
+    /// Sends whole entries for `keys`, in pushes bounded by `push_bytes`
+    /// (never above one maximal value, so every push fits in `MAX_MSG`).
     fn push_items(
         &mut self,
         to: NodeHandle,
         keys: &[KeyRef],
         backend: &dyn Backend,
     ) -> Vec<Action> {
+        let budget = self.cfg.push_bytes.min(MAX_VALUE);
         let mut out = Vec::new();
         let mut items = Vec::new();
         let mut bytes = 0usize;
@@ -1588,9 +1605,8 @@ impl Replicator {
             let Ok(Some(entry)) = backend.get(&k.bucket, &k.key) else {
                 continue;
             };
-            let len = entry.value.len();
-            if !items.is_empty() && (bytes + len > self.cfg.push_bytes || items.len() >= MAX_ITEMS)
-            {
+            let len = entry.value.len() + k.key.len() + k.bucket.len() + 64;
+            if !items.is_empty() && (bytes + len > budget || items.len() >= MAX_ITEMS) {
                 out.push(send(
                     to,
                     StoreMsg::Push {

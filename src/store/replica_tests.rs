@@ -26,7 +26,7 @@ fn test_cfg() -> ReplicaConfig {
         maintain_every: 1_000 * MS,
         scan_budget: 4,
         digest_batch: 3,
-        push_bytes: 64,
+        push_bytes: 200,
         confirm_ttl: 5_000 * MS,
         ..ReplicaConfig::default()
     }
@@ -68,6 +68,12 @@ struct Net {
     /// Per key: the highest version any acknowledged put got.
     acked: HashMap<String, u64>,
     reqs: HashMap<u64, String>,
+    /// Bumped by every membership change or lost disk.
+    epoch: u64,
+    /// Per key: newest acknowledged version and the epoch it was seen in.
+    last_ack: HashMap<String, (u64, u64)>,
+    /// Per put: the newest version acknowledged before it was issued.
+    floor: HashMap<u64, (u64, u64)>,
 }
 
 fn closest(view: &[NodeHandle], ring: NodeId, k: usize) -> Vec<NodeHandle> {
@@ -130,6 +136,9 @@ impl Net {
             done: BTreeMap::new(),
             acked: HashMap::new(),
             reqs: HashMap::new(),
+            epoch: 0,
+            last_ack: HashMap::new(),
+            floor: HashMap::new(),
         }
     }
 
@@ -182,6 +191,20 @@ impl Net {
                     if let (Outcome::Put(Ok(v)), Some(key)) = (&outcome, self.reqs.get(&req)) {
                         let e = self.acked.entry(key.clone()).or_insert(0);
                         *e = (*e).max(*v);
+                        // A put issued after another was acknowledged gets a
+                        // higher version (while the replica set stood still).
+                        if let Some((floor, epoch)) = self.floor.remove(&req) {
+                            if epoch == self.epoch {
+                                assert!(
+                                    *v > floor,
+                                    "{key}: put acknowledged at v{v} below the earlier v{floor}"
+                                );
+                            }
+                        }
+                        let last = self.last_ack.entry(key.clone()).or_insert((0, self.epoch));
+                        if last.1 != self.epoch || *v > last.0 {
+                            *last = (*v, self.epoch);
+                        }
                     }
                     self.done.insert(req, outcome);
                 }
@@ -275,6 +298,11 @@ impl Net {
         let req = self.next_req;
         self.next_req += 1;
         self.reqs.insert(req, key.to_string());
+        if let Some(&(v, epoch)) = self.last_ack.get(key) {
+            if epoch == self.epoch {
+                self.floor.insert(req, (v, epoch));
+            }
+        }
         let now = self.now;
         let acts = self.nodes[i]
             .core
@@ -309,6 +337,7 @@ impl Net {
     }
 
     fn membership_changed(&mut self) {
+        self.epoch += 1;
         for n in &mut self.nodes {
             n.core.membership_changed();
         }
@@ -503,11 +532,14 @@ fn a_root_that_lags_writes_above_the_newest_copy() {
     net.run(300 * MS);
     assert_eq!(put_version(net.outcome(r)), Some(1));
     assert_eq!(put_version(net.outcome(r2)), Some(2));
-    // the root loses its copy (as if it had just joined, hand-off pending)
+    // the root restarts without its copy (as if it had just joined and
+    // hand-off had not reached it yet)
     let root = closest(&net.view, NodeId::for_key(BUCKET, "k"), 1)[0];
     let ri = net.index(root.addr).unwrap();
+    net.crash(ri);
     net.nodes[ri].disk = MemBackend::new();
     net.nodes[ri].seen.clear();
+    net.restart(ri);
     let r3 = net.put(1, "k", Some(b"v3".to_vec()));
     net.run(500 * MS);
     assert_eq!(put_version(net.outcome(r3)), Some(3), "bumped above v2");
@@ -928,7 +960,7 @@ fn chaos(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     /// Under delays, drops, duplicates, crashes (one with a lost disk),
     /// joins and leaves: every acknowledged put stays readable at its
@@ -1001,4 +1033,74 @@ fn chaos_case_1() {
         Leave(7),
     ];
     chaos(14820448478472456348, 5, 2, 0, 0, ops).unwrap();
+}
+
+#[test]
+fn pushes_of_big_values_fit_the_wire_bound() {
+    let cfg = ReplicaConfig {
+        push_bytes: usize::MAX,
+        ..ReplicaConfig::default()
+    };
+    let mut core = Replicator::new(addr(0), cfg, 1);
+    let mut disk = MemBackend::new();
+    let big = super::entry::MAX_VALUE;
+    let mut want = Vec::new();
+    let mut ops = Vec::new();
+    for (i, len) in [big, big - 10, 1000, big, 5].iter().enumerate() {
+        let key = format!("{}{i}", "k".repeat(1000));
+        ops.push(WriteOp::Put {
+            bucket: BUCKET.into(),
+            key: key.clone(),
+            entry: Entry {
+                version: 1,
+                origin: NodeId(1),
+                write_id: 1,
+                deleted: false,
+                k: 3,
+                written_at_ms: 0,
+                value: vec![1; *len],
+            },
+        });
+        want.push(super::replica::KeyRef {
+            bucket: BUCKET.into(),
+            key,
+        });
+    }
+    disk.apply(&ops).unwrap();
+    let peer = NodeHandle {
+        id: NodeId(9),
+        addr: addr(1),
+    };
+    let place = |_: NodeId, _: usize| Vec::new();
+    let acts = core.handle(
+        0,
+        peer,
+        StoreMsg::DigestReply {
+            want,
+            have: Vec::new(),
+        },
+        &disk,
+        &place,
+    );
+    let mut pushed = 0;
+    for a in acts {
+        let Action::Send {
+            msg: msg @ StoreMsg::Push { .. },
+            ..
+        } = a
+        else {
+            panic!("unexpected {a:?}")
+        };
+        let bytes = msg.encode().unwrap();
+        assert!(
+            bytes.len() <= super::replica::MAX_MSG,
+            "{} bytes",
+            bytes.len()
+        );
+        let StoreMsg::Push { items } = StoreMsg::decode(&bytes).unwrap() else {
+            unreachable!()
+        };
+        pushed += items.len();
+    }
+    assert_eq!(pushed, 5);
 }
