@@ -242,6 +242,41 @@ fn a_corrupt_data_dir_gets_a_clear_error_or_a_quarantine() {
                 .starts_with("store.redb.corrupt-")
         });
     assert!(quarantined, "the bad file was not kept aside");
+    let r = c
+        .http(0, Method::PUT, "/api/kv/b", Some(vec![7u8; 100_000]))
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    c.stop(0);
+
+    // A store file cut short (a torn write, a full disk): also moved aside.
+    let len = std::fs::metadata(&store).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&store)
+        .unwrap();
+    f.set_len(len / 3).unwrap();
+    drop(f);
+    c.start(0).unwrap();
+    c.wait_http(0, Duration::from_secs(20)).unwrap();
+    let r = c
+        .http(0, Method::PUT, "/api/kv/c", Some(b"after".to_vec()))
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.message());
+    let n = std::fs::read_dir(&c.nodes[0].dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("store.redb.corrupt-")
+        })
+        .count();
+    assert_eq!(
+        n,
+        2,
+        "the truncated file was not kept aside:\n{}",
+        c.log_tail(0, 30)
+    );
     c.stop(0);
 
     // A garbage certificate: the node refuses to start and names the file.

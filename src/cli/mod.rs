@@ -78,6 +78,10 @@ pub enum Cmd {
     /// Benchmarks that print their figures.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Opens a store file and exits: run by `capy run` in a child process,
+    /// because the storage engine may abort on some damaged files.
+    #[command(name = "__check-store", hide = true)]
+    CheckStore { path: PathBuf },
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -208,5 +212,6 @@ pub fn main() -> i32 {
         Some(Cmd::Status { json, c }) => client::status(&c, json),
         Some(Cmd::Sim(s)) => client::sim(s),
         Some(Cmd::Bench(b)) => client::bench(b),
+        Some(Cmd::CheckStore { path }) => crate::node::check_store_cmd(&path),
     }
 }

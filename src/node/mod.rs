@@ -17,6 +17,7 @@ use config::NodeConfig;
 use runtime::Node;
 use serde_json::json;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,8 +118,13 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
         Err(e) => return Err(e.to_string()),
     }
     let identity = Identity::load(&dir).map_err(|e| e.to_string())?;
-    let (db, quarantined) =
-        Db::open_or_quarantine(dir.join("store.redb")).map_err(|e| e.to_string())?;
+    let store_path = dir.join("store.redb");
+    let mut quarantined = None;
+    if store_path.exists() && !store_opens_in_child(&store_path) {
+        quarantined = Some(crate::store::db::quarantine(&store_path).map_err(|e| e.to_string())?);
+    }
+    let (db, q) = Db::open_or_quarantine(&store_path).map_err(|e| e.to_string())?;
+    let quarantined = quarantined.or(q);
     if let Some(q) = quarantined {
         tracing::error!(
             "the store file was unreadable; moved it to {} and started an empty store \
@@ -126,7 +132,11 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
             q.display()
         );
     }
-    let tcfg = TransportConfig::default();
+    let tcfg = TransportConfig {
+        // A frame carries one store message at most, plus the envelope.
+        max_frame: crate::store::replica::MAX_MSG + 64 * 1024,
+        ..TransportConfig::default()
+    };
     let (transport, incoming) = Transport::bind(&identity, cfg.listen, tcfg)
         .map_err(|e| format!("binding {}: {e}", cfg.listen))?;
     let adv = advertised(&cfg, transport.local_addr());
@@ -182,6 +192,61 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     node.leave().await;
     Ok(())
+}
+
+/// Exit code of `capy __check-store` for a file that is not a usable store.
+const CHECK_UNREADABLE: i32 = 3;
+
+/// `capy __check-store FILE`: 0 if the file opens as a store, 3 if it is
+/// corrupt or foreign, 1 for other errors (locked, permissions).
+pub fn check_store_cmd(path: &Path) -> i32 {
+    match Db::open(path) {
+        Ok(_) => 0,
+        Err(e) if e.is_unreadable_file() => {
+            eprintln!("{e}");
+            CHECK_UNREADABLE
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Opens the store once in a child process first: some damaged files make
+/// the storage engine abort rather than return an error, and with
+/// panic=abort that would take the node down at every start. A child that
+/// dies or reports the file unreadable means: quarantine it. Any other
+/// failure is left for the real open to report.
+fn store_opens_in_child(path: &Path) -> bool {
+    let Ok(exe) = std::env::current_exe() else {
+        return true;
+    };
+    match std::process::Command::new(exe)
+        .arg("__check-store")
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+    {
+        Ok(out) => match out.status.code() {
+            Some(CHECK_UNREADABLE) | None => {
+                tracing::error!(
+                    file = %path.display(),
+                    "store file unreadable ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                false
+            }
+            Some(_) => true,
+        },
+        Err(e) => {
+            tracing::warn!("cannot run the store check ({e}); opening directly");
+            true
+        }
+    }
 }
 
 async fn wait_for_signal() {

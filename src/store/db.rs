@@ -239,11 +239,7 @@ impl Db {
         match Db::open(path) {
             Ok(db) => Ok((db, None)),
             Err(e) if e.is_unreadable_file() => {
-                let aside = quarantine_name(path);
-                std::fs::rename(path, &aside).map_err(|io| StoreError::Io {
-                    path: path.to_path_buf(),
-                    detail: format!("cannot move the unreadable store aside: {io}"),
-                })?;
+                let aside = quarantine(path)?;
                 tracing::warn!(
                     file = %path.display(),
                     moved_to = %aside.display(),
@@ -405,6 +401,17 @@ fn corrupt_entry(bucket: &str, key: &str, e: StoreError) -> StoreError {
         key: key.chars().take(64).collect(),
         detail: e.to_string(),
     }
+}
+
+/// Moves an unreadable store file aside (kept, never deleted) and returns
+/// where it went.
+pub fn quarantine(path: &Path) -> Result<PathBuf, StoreError> {
+    let aside = quarantine_name(path);
+    std::fs::rename(path, &aside).map_err(|io| StoreError::Io {
+        path: path.to_path_buf(),
+        detail: format!("cannot move the unreadable store aside: {io}"),
+    })?;
+    Ok(aside)
 }
 
 fn quarantine_name(path: &Path) -> PathBuf {
