@@ -16,9 +16,9 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     rounds: u32,
     /// Load epochs after the cold start.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 10)]
     epochs: u32,
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 20)]
     epoch_rounds: u32,
     /// Share of nodes leaving half way through the cold start.
     #[arg(long, default_value_t = 0.0)]

@@ -14,10 +14,12 @@
 //!   having to know it,
 //! * mean of 1/(2Q_j + eps), which gives kappa = eps sum_j 1/(2Q_j + eps),
 //!   the strength of the price feedback, and so the step size,
-//! * mean of the served vnode counts, for the per-vnode load factor.
+//! * mean of the served vnode counts (the cluster's vnode total, for status),
+//! * mean capacity, which gives each node its fair share c_i / sum_j c_j of
+//!   the keys to measure its load against.
 //!
 //! With ~32 random-ish neighbours the Metropolis matrix mixes fast (second
-//! eigenvalue ~0.4) and every message is a fixed 90 bytes.
+//! eigenvalue ~0.4) and every message is at most 96 bytes.
 //!
 //! Consensus runs as flows on edges (flow updating): node i keeps f_ij, the
 //! amount it has passed to j, and its estimate is z_i = r_i - sum_j f_ij
@@ -37,11 +39,12 @@ use serde::{Deserialize, Serialize};
 
 /// Length of the estimate vector: mean x, anchor indicator, sensitivity,
 /// vnode count.
-pub const DIM: usize = 4;
+pub const DIM: usize = 5;
 const IX: usize = 0;
 const IE: usize = 1;
 const IS: usize = 2;
 const IV: usize = 3;
+const IC: usize = 4;
 
 /// Most peers a node exchanges with: the overlay's neighbourhood and leaf
 /// sets plus the nodes that list this one (edges must be mutual).
@@ -59,8 +62,18 @@ pub const DWELL_ROUNDS: u64 = 3;
 /// The count moves only once x moves by less than this fraction per round:
 /// keys are not handed over while the loop is still in its transient.
 pub const SETTLED_STEP: f64 = 0.02;
-/// Weight of a new load measurement in the load factor's moving average.
-pub const LOAD_SMOOTHING: f64 = 0.5;
+/// Counts whose measured load the node remembers. A node whose marginal
+/// vnode owns a wide arc would otherwise swing between two counts, each
+/// time learning again that the other one was worse.
+pub const LOAD_MEMORY: usize = 8;
+/// Rounds a remembered load stays valid: others' vnodes move the arcs.
+pub const LOAD_MEMORY_ROUNDS: u64 = 400;
+/// Exponent of the load factor's integral step: below 1 so that a marginal
+/// vnode with a wide arc (local slope up to ~3 times the mean) still
+/// converges.
+pub const LOAD_GAIN: f64 = 0.5;
+/// Dead band of the load controller, in vnodes' worth of load.
+pub const LOAD_DEAD_BAND: f64 = 0.5;
 /// Bound on any number taken from the wire.
 pub const WIRE_CAP: f64 = 1.0e9;
 
@@ -92,7 +105,7 @@ pub enum GameMsgError {
 }
 
 impl GameMsg {
-    /// Upper bound on an encoded message (postcard: varints, 8 f64s).
+    /// Upper bound on an encoded message (postcard: two varints, 10 f64s).
     pub const MAX_BYTES: usize = 96;
 
     pub fn encode(&self) -> Result<Vec<u8>, GameMsgError> {
@@ -148,6 +161,8 @@ pub struct Estimates {
     pub vnodes_total: Option<f64>,
     /// Estimated price feedback eps * sum_j 1/(2Q_j + eps).
     pub kappa: Option<f64>,
+    /// Estimated sum of the nodes' capacities.
+    pub capacity_total: Option<f64>,
     /// Raw estimate vector (mean x, anchor mean, sensitivity mean, mean
     /// vnodes).
     pub vector: [f64; DIM],
@@ -207,6 +222,8 @@ pub struct GameNode {
     sent_degree: u16,
     vnodes: u32,
     last_change: u64,
+    /// (count, |ln rho| measured at that count, round measured).
+    memory: heapless::Vec<(u32, f64, u64), LOAD_MEMORY>,
     last_step: f64,
     last_tick: Micros,
 }
@@ -226,6 +243,7 @@ impl GameNode {
             sent_degree: 0,
             vnodes: 1,
             last_change: 0,
+            memory: heapless::Vec::new(),
             last_step: f64::INFINITY,
             last_tick: 0,
         };
@@ -275,6 +293,7 @@ impl GameNode {
             if self.anchor { 1.0 } else { 0.0 },
             1.0 / (2.0 * p.q + self.settings.eps),
             f64::from(self.vnodes),
+            self.params.capacity,
         ]
     }
 
@@ -298,6 +317,7 @@ impl GameNode {
             aggregate: nodes.map(|n| z[IX] * n),
             vnodes_total: nodes.map(|n| z[IV] * n),
             kappa: nodes.map(|n| (self.settings.eps * z[IS] * n).max(0.0)),
+            capacity_total: nodes.map(|n| z[IC] * n),
             vector: z,
         }
     }
@@ -344,18 +364,59 @@ impl GameNode {
     }
 
     /// Feeds the measured share of the key space (or of the stored keys) this
-    /// node holds, in [0, 1]. Relative to the cluster's mean share per vnode
-    /// (1 / estimated vnode total), it gives the load factor a in Q = q0 a / c.
+    /// node holds, in [0, 1]. Against its fair share c_i / sum_j c_j it gives
+    /// rho = load relative to capacity, and the load factor a in
+    /// Q = q0 a / c moves by rho^LOAD_GAIN: an integral controller, so the
+    /// loop settles where load follows capacity whatever the arcs of the
+    /// vnodes added or dropped turn out to be. Inside a dead band of half a
+    /// vnode's worth of load nothing moves: one vnode more or less could not
+    /// do better, and integrating there would only wind up.
     pub fn observe_load(&mut self, share: f64) {
-        let Some(total) = self.estimates().vnodes_total else {
+        let Some(total_c) = self.estimates().capacity_total else {
             return;
         };
-        if !(share.is_finite() && share >= 0.0) || total <= 0.0 {
+        let rho = share * total_c / self.params.capacity;
+        if !(rho.is_finite() && rho > 0.0) {
             return;
         }
-        let measured = share * total / f64::from(self.vnodes.max(1));
-        let a = (1.0 - LOAD_SMOOTHING) * self.params.load_factor + LOAD_SMOOTHING * measured;
+        let err = rho.ln().abs();
+        self.remember(self.vnodes, err);
+        let k = f64::from(self.vnodes.max(1));
+        if err <= LOAD_DEAD_BAND / k {
+            return;
+        }
+        // The next count in the direction rho asks for is known to be
+        // worse: stay, and do not wind the factor up against it.
+        let next = if rho > 1.0 {
+            self.vnodes.saturating_sub(1)
+        } else {
+            self.vnodes + 1
+        };
+        if self.remembered(next).is_some_and(|e| e >= err) {
+            return;
+        }
+        let a = self.params.load_factor * rho.powf(LOAD_GAIN);
         self.params.load_factor = a.clamp(LOAD_FACTOR_MIN, LOAD_FACTOR_MAX);
+    }
+
+    fn remember(&mut self, count: u32, err: f64) {
+        let round = self.round;
+        self.memory
+            .retain(|m| m.0 != count && round.saturating_sub(m.2) <= LOAD_MEMORY_ROUNDS);
+        if self.memory.is_full() {
+            // Forget the oldest.
+            if let Some(pos) = (0..self.memory.len()).min_by_key(|&i| self.memory[i].2) {
+                self.memory.remove(pos);
+            }
+        }
+        let _ = self.memory.push((count, err, round));
+    }
+
+    fn remembered(&self, count: u32) -> Option<f64> {
+        self.memory
+            .iter()
+            .find(|m| m.0 == count && self.round.saturating_sub(m.2) <= LOAD_MEMORY_ROUNDS)
+            .map(|m| m.1)
     }
 
     /// The overlay's current neighbours for this game (neighbourhood set and
@@ -507,6 +568,13 @@ impl GameNode {
         if to == self.vnodes {
             return None;
         }
+        // A count already tried and measured worse than this one is not
+        // taken again while the measurement holds.
+        if let (Some(here), Some(there)) = (self.remembered(self.vnodes), self.remembered(to)) {
+            if there >= here {
+                return None;
+            }
+        }
         let change = VnodeChange {
             from: self.vnodes,
             to,
@@ -550,8 +618,8 @@ mod tests {
         let m = GameMsg {
             round: 7,
             degree: 3,
-            estimate: [1.0, 0.5, 0.25, 2.0],
-            flow: [-1.0, 0.0, 3.0, 1e6],
+            estimate: [1.0, 0.5, 0.25, 2.0, 1.5],
+            flow: [-1.0, 0.0, 3.0, 1e6, -2.0],
         };
         let b = m.encode().unwrap();
         assert!(b.len() <= GameMsg::MAX_BYTES);
@@ -662,7 +730,7 @@ mod tests {
         n.round = 13;
         assert_eq!(n.update_vnodes(), Some(VnodeChange { from: 2, to: 4 }));
         // Oscillating around 4.5 does not flap.
-        for (k, x) in [4.6, 4.4, 4.7, 4.3, 5.2].iter().enumerate() {
+        for (k, x) in [4.6, 4.4, 4.7, 4.3, 4.75, 3.25].iter().enumerate() {
             n.x = *x;
             n.round = 20 + 5 * k as u64;
             assert_eq!(n.update_vnodes(), None);
@@ -678,6 +746,27 @@ mod tests {
     }
 
     #[test]
+    fn a_count_measured_worse_is_not_taken_again() {
+        let mut n = node(1, 1.0);
+        n.last_step = 0.0;
+        n.round = 10;
+        n.vnodes = 5;
+        n.remember(5, 0.05);
+        n.remember(6, 0.30);
+        n.x = 6.0;
+        assert_eq!(n.update_vnodes(), None);
+        // Once the memory is stale the count may be tried again.
+        n.round = 10 + LOAD_MEMORY_ROUNDS + 1;
+        assert_eq!(n.update_vnodes(), Some(VnodeChange { from: 5, to: 6 }));
+        // A better-measured count is taken.
+        n.remember(6, 0.30);
+        n.remember(7, 0.01);
+        n.round += DWELL_ROUNDS;
+        n.x = 7.0;
+        assert_eq!(n.update_vnodes(), Some(VnodeChange { from: 6, to: 7 }));
+    }
+
+    #[test]
     fn load_factor_follows_measured_share() {
         let mut nodes: Vec<GameNode> = (0..4).map(|i| node(300 + i, 1.0)).collect();
         nodes[0].set_anchor(true);
@@ -688,13 +777,23 @@ mod tests {
         for _ in 0..50 {
             exchange(&mut nodes, &|_, _| false);
         }
-        // Node 0's vnodes hold twice the mean share per vnode: a = 2,
-        // smoothed halfway from 1.
-        let v = nodes[0].estimates().vnodes_total.unwrap();
-        let share = 2.0 * f64::from(nodes[0].vnodes()) / v;
-        nodes[0].observe_load(share);
-        assert!((nodes[0].params().load_factor - 1.5).abs() < 1e-6);
+        // Four equal nodes: the fair share is 1/4. Node 0 holds half the
+        // ring, rho = 2, so a moves by sqrt(2).
+        assert!((nodes[0].estimates().capacity_total.unwrap() - 4.0).abs() < 1e-6);
+        nodes[0].observe_load(0.5);
+        let a = nodes[0].params().load_factor;
+        assert!((a - 2f64.sqrt()).abs() < 1e-6, "{a}");
         nodes[0].observe_load(f64::NAN);
-        assert!((nodes[0].params().load_factor - 1.5).abs() < 1e-6);
+        assert_eq!(nodes[0].params().load_factor, a);
+        // Inside the dead band (half a vnode's worth) nothing moves.
+        let k = f64::from(nodes[0].vnodes());
+        nodes[0].observe_load(0.25 * (1.0 + 0.2 / k));
+        assert_eq!(nodes[0].params().load_factor, a);
+        // A higher load factor lowers the offer.
+        let x_before = nodes[0].x();
+        for _ in 0..30 {
+            exchange(&mut nodes, &|_, _| false);
+        }
+        assert!(nodes[0].x() < 0.8 * x_before, "{} vs {x_before}", nodes[0].x());
     }
 }

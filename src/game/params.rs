@@ -20,9 +20,11 @@ pub struct GameSettings {
 }
 
 /// Price intercept: with `q0 = 1` a reference board (capacity 1) ends near
-/// `R / (2 (1 + kappa))` = 20 vnodes, so weak boards run single digits and
-/// large ones tens.
-pub const DEFAULT_R: f64 = 80.0;
+/// `R / (2 (1 + kappa))` ~ 31 vnodes, a Pi 3 near 12 and an x86 gateway
+/// near 140. Fewer would be lighter, but a node's key share is the sum of
+/// random arcs: with ~8 vnodes on the weakest boards the worst of 1,000
+/// nodes ends 30% above the mean however well the game does.
+pub const DEFAULT_R: f64 = 128.0;
 /// `eps * N`: chosen so that the price feedback `kappa = eps * sum_j
 /// 1/(2 Q_j + eps)` is about 1 on a fleet of mean capacity ~1.5, i.e. the
 /// price at equilibrium is about half of R. Much larger kappa would make the
@@ -153,25 +155,25 @@ pub fn sim_boards() -> Vec<BoardClass> {
             name: "pi3-sd",
             storage_rel: 0.25,
             cpu_rel: 0.6,
-            max_vnodes: 24,
+            max_vnodes: 32,
         },
         BoardClass {
             name: "pi4-ssd",
             storage_rel: 1.0,
             cpu_rel: 1.0,
-            max_vnodes: 48,
+            max_vnodes: 64,
         },
         BoardClass {
             name: "rk3588-nvme",
             storage_rel: 2.0,
             cpu_rel: 2.5,
-            max_vnodes: 96,
+            max_vnodes: 128,
         },
         BoardClass {
             name: "x86-nvme",
             storage_rel: 4.0,
             cpu_rel: 5.0,
-            max_vnodes: 160,
+            max_vnodes: 256,
         },
     ]
 }

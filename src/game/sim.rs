@@ -50,8 +50,8 @@ impl Default for GameSimOpts {
             nodes: 1000,
             seed: 1,
             rounds: 100,
-            epochs: 6,
-            epoch_rounds: 30,
+            epochs: 10,
+            epoch_rounds: 20,
             churn: 0.0,
             tol: 0.01,
             leaf: 16,
@@ -121,6 +121,8 @@ pub struct EpochReport {
     pub rounds_to_converge: Option<u32>,
     pub max_rel_error: f64,
     pub vnode_changes: u64,
+    /// Changes that undid the direction of the node's previous change.
+    pub vnode_reversals: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -159,6 +161,7 @@ pub struct GameReport {
     pub price_estimate_error: f64,
     pub vnodes_total: u64,
     pub vnode_changes: u64,
+    pub vnode_reversals: u64,
     pub churn: Option<ChurnReport>,
     pub epochs: Vec<EpochReport>,
     pub classes: Vec<ClassReport>,
@@ -191,6 +194,8 @@ struct Sim {
     boards: Vec<BoardClass>,
     round: u32,
     changes: u64,
+    reversals: u64,
+    last_dir: Vec<i8>,
     rng: StdRng,
     opts: GameSimOpts,
 }
@@ -235,6 +240,8 @@ impl Sim {
             boards,
             round: 0,
             changes: 0,
+            reversals: 0,
+            last_dir: vec![0; opts.nodes],
             rng,
             opts: opts.clone(),
         };
@@ -313,8 +320,13 @@ impl Sim {
         for i in 0..self.nodes.len() {
             if self.nodes[i].alive {
                 let step = self.nodes[i].game.tick(now);
-                if step.change.is_some() {
+                if let Some(c) = step.change {
                     self.changes += 1;
+                    let dir = if c.to > c.from { 1 } else { -1 };
+                    if self.last_dir[i] == -dir {
+                        self.reversals += 1;
+                    }
+                    self.last_dir[i] = dir;
                 }
             }
         }
@@ -478,7 +490,7 @@ pub fn run_game_sim(opts: &GameSimOpts) -> GameReport {
             sim.nodes[i].game.observe_load(share[k]);
         }
         let ne = sim.ne();
-        let before = sim.changes;
+        let (before, rev_before) = (sim.changes, sim.reversals);
         let (conv, e_err) = sim.run_until(opts.epoch_rounds, &ne);
         err = e_err;
         epochs.push(EpochReport {
@@ -487,6 +499,7 @@ pub fn run_game_sim(opts: &GameSimOpts) -> GameReport {
             rounds_to_converge: conv,
             max_rel_error: e_err,
             vnode_changes: sim.changes - before,
+            vnode_reversals: sim.reversals - rev_before,
         });
     }
 
@@ -558,6 +571,7 @@ pub fn run_game_sim(opts: &GameSimOpts) -> GameReport {
         price_estimate_error,
         vnodes_total: counts.iter().map(|&c| u64::from(c)).sum(),
         vnode_changes: sim.changes,
+        vnode_reversals: sim.reversals,
         churn,
         epochs,
         classes,
@@ -604,8 +618,8 @@ pub fn print_game_sim(opts: &GameSimOpts, json: bool) -> i32 {
         rep.price_ne, rep.price_estimate_error
     );
     println!(
-        "  vnodes              {} total, {} changes in {} rounds",
-        rep.vnodes_total, rep.vnode_changes, rep.rounds_total
+        "  vnodes              {} total, {} changes ({} reversals) in {} rounds",
+        rep.vnodes_total, rep.vnode_changes, rep.vnode_reversals, rep.rounds_total
     );
     if let Some(c) = &rep.churn {
         println!(
@@ -618,12 +632,13 @@ pub fn print_game_sim(opts: &GameSimOpts, json: bool) -> i32 {
     }
     for e in &rep.epochs {
         println!(
-            "  epoch {:>2}            imbalance {:.3}, converged in {}, error {:.1e}, {} vnode changes",
+            "  epoch {:>2}            imbalance {:.3}, converged in {}, error {:.1e}, {} vnode changes ({} reversals)",
             e.epoch,
             e.imbalance,
             opt(e.rounds_to_converge),
             e.max_rel_error,
-            e.vnode_changes
+            e.vnode_changes,
+            e.vnode_reversals
         );
     }
     println!("  class        nodes  cap   NE x   vnodes(min..max)   load/cap mean  max");
