@@ -173,9 +173,9 @@ mod tests {
             w[i][i] = metropolis_self_weight(deg[i], &nd);
             assert!(w[i][i] > 0.0);
         }
-        for i in 0..n {
-            let row: f64 = w[i].iter().sum();
-            let col: f64 = (0..n).map(|j| w[j][i]).sum();
+        for (i, row) in w.iter().enumerate() {
+            let row: f64 = row.iter().sum();
+            let col: f64 = w.iter().map(|r| r[i]).sum();
             assert!((row - 1.0).abs() < 1e-12 && (col - 1.0).abs() < 1e-12);
         }
     }
@@ -189,8 +189,14 @@ mod tests {
         let got = projected_step(&p, r, eps, x, agg, 0.25);
         assert!((got - (0.75 * x + 0.25 * br)).abs() < 1e-9);
         // A step that would leave the box lands on its face.
-        assert_eq!(projected_step(&pl(0.01, 0.0, 3.0), r, eps, 2.0, 10.0, 1.0), 3.0);
-        assert_eq!(projected_step(&pl(0.5, 200.0, 3.0), r, eps, 2.0, 10.0, 1.0), 0.0);
+        assert_eq!(
+            projected_step(&pl(0.01, 0.0, 3.0), r, eps, 2.0, 10.0, 1.0),
+            3.0
+        );
+        assert_eq!(
+            projected_step(&pl(0.5, 200.0, 3.0), r, eps, 2.0, 10.0, 1.0),
+            0.0
+        );
     }
 
     #[test]

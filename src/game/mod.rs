@@ -33,6 +33,6 @@ pub mod params;
 pub mod sim;
 
 pub use math::{equilibrium, max_rel_error, Player};
-pub use node::{GameMsg, GameMsgError, GameNode, GameStatus, GameStep, Estimates, VnodeChange};
+pub use node::{Estimates, GameMsg, GameMsgError, GameNode, GameStatus, GameStep, VnodeChange};
 pub use params::{BoardClass, GameSettings, NodeParams, ParamError};
 pub use sim::{print_game_sim, run_game_sim, GameReport, GameSimOpts};

@@ -453,7 +453,10 @@ impl GameNode {
     /// the estimate every message of this round carries.
     fn snapshot(&mut self) {
         let round = self.round;
-        let stale = |p: &Peer| p.last_heard.is_none_or(|h| round.saturating_sub(h) > STALE_ROUNDS);
+        let stale = |p: &Peer| {
+            p.last_heard
+                .is_none_or(|h| round.saturating_sub(h) > STALE_ROUNDS)
+        };
         for p in self.peers.iter_mut() {
             if stale(p) {
                 p.flow = [0.0; DIM];
@@ -523,10 +526,13 @@ impl GameNode {
                 continue;
             }
             let w = metropolis_weight(d_i, usize::from(m.degree));
-            for k in 0..DIM {
+            // The smaller id owns the edge's flow; the other side adopts
+            // it, then both apply the same update.
+            let lower = me < p.id;
+            for (k, f) in p.flow.iter_mut().enumerate() {
                 let delta = w * (z_sent[k] - m.estimate[k]);
-                p.flow[k] = if me < p.id {
-                    p.flow[k] + delta
+                *f = if lower {
+                    *f + delta
                 } else {
                     -m.flow[k] + delta
                 };
@@ -598,7 +604,8 @@ mod tests {
         let mut msgs = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
             for to in n.recipients() {
-                if let (Some(m), Some(j)) = (n.round_msg(to), nodes.iter().position(|x| x.id == to)) {
+                if let (Some(m), Some(j)) = (n.round_msg(to), nodes.iter().position(|x| x.id == to))
+                {
                     if !drop(i, j) {
                         msgs.push((j, n.id, m));
                     }
@@ -624,11 +631,20 @@ mod tests {
         let b = m.encode().unwrap();
         assert!(b.len() <= GameMsg::MAX_BYTES);
         assert_eq!(GameMsg::decode(&b), Ok(m));
-        assert!(matches!(GameMsg::decode(&[0u8; 200]), Err(GameMsgError::TooLong(200))));
-        assert!(matches!(GameMsg::decode(&b[..5]), Err(GameMsgError::Decode(_))));
+        assert!(matches!(
+            GameMsg::decode(&[0u8; 200]),
+            Err(GameMsgError::TooLong(200))
+        ));
+        assert!(matches!(
+            GameMsg::decode(&b[..5]),
+            Err(GameMsgError::Decode(_))
+        ));
         let mut bad = m;
         bad.estimate[1] = f64::NAN;
-        assert_eq!(GameMsg::decode(&bad.encode().unwrap()), Err(GameMsgError::Number));
+        assert_eq!(
+            GameMsg::decode(&bad.encode().unwrap()),
+            Err(GameMsgError::Number)
+        );
         bad = m;
         bad.degree = 1000;
         assert_eq!(bad.validate(), Err(GameMsgError::Degree(1000)));
@@ -794,6 +810,10 @@ mod tests {
         for _ in 0..30 {
             exchange(&mut nodes, &|_, _| false);
         }
-        assert!(nodes[0].x() < 0.8 * x_before, "{} vs {x_before}", nodes[0].x());
+        assert!(
+            nodes[0].x() < 0.8 * x_before,
+            "{} vs {x_before}",
+            nodes[0].x()
+        );
     }
 }

@@ -47,7 +47,7 @@ impl GameSettings {
     /// Checks the settings are usable: positive and finite.
     pub fn validate(&self) -> Result<(), ParamError> {
         let ok = |v: f64| v.is_finite() && v > 0.0;
-        if !ok(self.r) || !ok(self.q0) || !(self.eps.is_finite() && self.eps >= 0.0) {
+        if !(ok(self.r) && ok(self.q0) && self.eps.is_finite() && self.eps >= 0.0) {
             return Err(ParamError::Settings(*self));
         }
         Ok(())

@@ -302,7 +302,9 @@ impl Sim {
         for i in self.alive() {
             let g = &self.nodes[i].game;
             for to in g.recipients() {
-                let Some(&j) = self.index.get(&to) else { continue };
+                let Some(&j) = self.index.get(&to) else {
+                    continue;
+                };
                 if !self.nodes[j].alive {
                     continue;
                 }
@@ -377,7 +379,11 @@ impl Sim {
             let prev = ring[(p + n - 1) % n].0;
             let next = ring[(p + 1) % n].0;
             // The root of a key is the closest vnode: half of each gap.
-            let gap_prev = if n == 1 { u128::MAX } else { id.wrapping_sub(prev) };
+            let gap_prev = if n == 1 {
+                u128::MAX
+            } else {
+                id.wrapping_sub(prev)
+            };
             let gap_next = if n == 1 { 0 } else { next.wrapping_sub(id) };
             share[k] += (gap_prev as f64 + gap_next as f64) * 0.5 * scale;
         }
@@ -455,11 +461,11 @@ pub fn run_game_sim(opts: &GameSimOpts) -> GameReport {
         let _ = sim.run_until(at, &ne0);
         let live: Vec<usize> = sim.alive().collect();
         let leave = ((live.len() as f64 * opts.churn).round() as usize).min(live.len() - 1);
-        let anchor_before = live.iter().copied().find(|&i| sim.nodes[i].game.status().anchor);
-        let gone: Vec<usize> = live
-            .choose_multiple(&mut sim.rng, leave)
+        let anchor_before = live
+            .iter()
             .copied()
-            .collect();
+            .find(|&i| sim.nodes[i].game.status().anchor);
+        let gone: Vec<usize> = live.choose_multiple(&mut sim.rng, leave).copied().collect();
         for &i in &gone {
             sim.nodes[i].alive = false;
         }
@@ -583,10 +589,13 @@ pub fn run_game_sim(opts: &GameSimOpts) -> GameReport {
 /// the process exit code.
 pub fn print_game_sim(opts: &GameSimOpts, json: bool) -> i32 {
     if opts.nodes < 2 || opts.nodes > 1_000_000 {
-        eprintln!("capy sim game: --nodes must be in 2..=1000000, got {}", opts.nodes);
+        eprintln!(
+            "capy sim game: --nodes must be in 2..=1000000, got {}",
+            opts.nodes
+        );
         return 2;
     }
-    if !(0.0..1.0).contains(&opts.churn) || !(opts.tol > 0.0) {
+    if !(0.0..1.0).contains(&opts.churn) || opts.tol.is_nan() || opts.tol <= 0.0 {
         eprintln!("capy sim game: --churn must be in [0, 1) and --tol > 0");
         return 2;
     }
@@ -663,4 +672,99 @@ pub fn print_game_sim(opts: &GameSimOpts, json: bool) -> i32 {
         );
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(nodes: usize, seed: u64) -> GameSimOpts {
+        GameSimOpts {
+            nodes,
+            seed,
+            ..GameSimOpts::default()
+        }
+    }
+
+    #[test]
+    fn converges_to_the_exact_equilibrium_and_evens_load() {
+        let rep = run_game_sim(&GameSimOpts {
+            epochs: 6,
+            ..opts(300, 3)
+        });
+        let conv = rep.rounds_to_converge.expect("cold start converges");
+        assert!(conv <= 100, "{conv} rounds");
+        assert!(rep.cold_rel_error < 1e-3, "{}", rep.cold_rel_error);
+        assert!(rep.max_rel_error < 0.01, "{}", rep.max_rel_error);
+        assert!(rep.price_estimate_error < 0.01);
+        // One vnode each leaves some node many times its fair load.
+        assert!(rep.imbalance_before > 3.0, "{}", rep.imbalance_before);
+        assert!(rep.imbalance_after < 1.5, "{}", rep.imbalance_after);
+        assert!(rep.imbalance_after < rep.imbalance_game_only);
+        // Counts follow capacity: each class runs more than the one below.
+        let means: Vec<f64> = rep.classes.iter().map(|c| c.mean_vnodes).collect();
+        assert!(means.windows(2).all(|w| w[0] < w[1]), "{means:?}");
+        // Each zone holds about its capacity share of the keys.
+        for z in &rep.zones {
+            assert!((z.key_share - z.capacity_share).abs() < 0.1 * z.capacity_share + 0.01);
+        }
+    }
+
+    #[test]
+    fn keeps_converging_when_a_tenth_of_the_nodes_leave() {
+        let rep = run_game_sim(&GameSimOpts {
+            churn: 0.1,
+            epochs: 0,
+            ..opts(300, 5)
+        });
+        let c = rep.churn.expect("churn ran");
+        assert_eq!(c.left, 30);
+        let re = c.rounds_to_reconverge.expect("re-converges");
+        assert!(re <= 40, "{re} rounds after the departures");
+        assert!(rep.cold_rel_error < 0.01, "{}", rep.cold_rel_error);
+    }
+
+    #[test]
+    fn survives_the_anchor_leaving() {
+        let mut sim = Sim::new(&opts(200, 9));
+        let ne = sim.ne();
+        let _ = sim.run_until(40, &ne);
+        let anchor = sim
+            .alive()
+            .find(|&i| sim.nodes[i].game.status().anchor)
+            .expect("one anchor");
+        sim.nodes[anchor].alive = false;
+        for i in (0..sim.nodes.len()).step_by(10).take(19) {
+            sim.nodes[i].alive = false;
+        }
+        sim.rewire();
+        let live = sim.alive().count();
+        let ne = sim.ne();
+        let (conv, err) = sim.run_until(60, &ne);
+        assert!(conv.is_some_and(|c| c <= 40), "{conv:?}");
+        assert!(err < 1e-3, "{err}");
+        for i in sim.alive() {
+            let n = sim.nodes[i].game.estimates().nodes.expect("N estimated");
+            assert!(
+                (n - live as f64).abs() < 0.01 * live as f64,
+                "{n} vs {live}"
+            );
+        }
+    }
+
+    #[test]
+    fn same_seed_same_report() {
+        let a = run_game_sim(&GameSimOpts {
+            epochs: 1,
+            rounds: 30,
+            ..opts(50, 1)
+        });
+        let b = run_game_sim(&GameSimOpts {
+            epochs: 1,
+            rounds: 30,
+            ..opts(50, 1)
+        });
+        assert_eq!(a.imbalance_after, b.imbalance_after);
+        assert_eq!(a.max_rel_error, b.max_rel_error);
+    }
 }
