@@ -14,18 +14,28 @@
 //! Mapping (see `params`):
 //! * c_i, capacity: geometric mean of the board profile's storage and CPU
 //!   relative to the reference board (Pi 4 with SSD = 1).
-//! * a_i, load factor: the node's measured share of the key space divided by
-//!   the cluster's mean share per vnode (1 / estimated vnode total), per
-//!   vnode served; 1 until measured, smoothed, held to [0.25, 4].
+//! * a_i, load factor: an integral of the measured load relative to
+//!   capacity. rho_i = (node's share of the keys) / (c_i / sum_j c_j), with
+//!   sum_j c_j from the estimates; each measurement multiplies a_i by
+//!   rho_i^0.5, outside a dead band of half a vnode's worth of load. 1 until
+//!   measured, held to [0.25, 4].
 //! * u_i, background load: share of the box busy with other work, [0, 1).
-//! * Q_i = q0 * a_i / c_i: serving is dearer on weak boards and for vnodes
-//!   that happen to own wide arcs. With L = 0 the equilibrium gives
-//!   x_i ~ c_i / a_i, i.e. key load a_i x_i proportional to capacity.
+//! * Q_i = q0 * a_i / c_i: serving is dearer on weak boards and on nodes
+//!   that already hold more than their share (their vnodes happen to own
+//!   wide arcs). With L = 0 the equilibrium gives x_i ~ c_i / a_i, and the
+//!   load controller settles where key load follows capacity.
 //! * L_i = R * u_i: a box busy with its own job offers fewer vnodes and, at
 //!   u = 1, none.
 //! * S_i = min(certificate's max vnodes, board profile's max vnodes).
 //! * R, eps, q0: cluster settings; `GameSettings::for_fleet(n)` gives
-//!   R = 80, q0 = 1, eps = 1.4 / n, for counts of about 8 (Pi 3) to 90 (x86).
+//!   R = 128, q0 = 1, eps = 1.4 / n: counts of about 12 (Pi 3 on SD) to 140
+//!   (x86 gateway); fewer vnodes on the weakest boards leave their key share
+//!   at the mercy of a few random arcs.
+//!
+//! Vnode count: round(x_i) with hysteresis (0.8 vnode), a dwell of 3 rounds,
+//! no change while x still moves by over 2% a round, and a memory of the
+//! load measured at recent counts so a count known to be worse is not taken
+//! again. At least 1, at most S_i.
 
 pub mod math;
 pub mod node;

@@ -62,8 +62,9 @@ pub struct NodeParams {
     pub capacity: f64,
     /// Most vnodes: min of the certificate's and the board profile's limit.
     pub max_vnodes: u32,
-    /// Measured key load per vnode relative to the cluster's mean per-vnode
-    /// load (1.0 = average; > 1 when this node's vnodes own wide arcs).
+    /// Load factor a_i: integral of the measured key load relative to the
+    /// node's fair share (1.0 until measured; > 1 when its vnodes own wide
+    /// arcs). Set by `GameNode::observe_load`.
     pub load_factor: f64,
     /// Measured share of the box busy with work other than capy, in [0, 1).
     pub background: f64,
