@@ -12,6 +12,9 @@ use tempfile::TempDir;
 const DAY: Duration = Duration::from_secs(86_400);
 
 fn new_ca(root: &Path, name: &str) -> PathBuf {
+    // Install the log capture before any test reaches a log call site, so
+    // no call site caches "no subscriber" while it is being installed.
+    captured_logs();
     let dir = root.join(name);
     ca_init(&dir).unwrap();
     dir
@@ -955,5 +958,93 @@ fn rtt() {
             pct(&mut one_way, 0.50),
             pct(&mut one_way, 0.99)
         );
+    });
+}
+
+/// Captures WARN and above for the whole test process; `None` if another
+/// subscriber was installed first.
+fn captured_logs() -> Option<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOGS: OnceLock<Option<Arc<Mutex<Vec<u8>>>>> = OnceLock::new();
+    struct W(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for W {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let b = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || W(b.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(sub)
+            .ok()
+            .map(|_| buf)
+    })
+    .clone()
+}
+
+#[test]
+fn refusals_are_logged_with_the_peer_address_and_reason() {
+    let Some(logs) = captured_logs() else {
+        panic!("a global tracing subscriber was installed elsewhere in this test binary");
+    };
+    smol::block_on(async {
+        let t = TempDir::new().unwrap();
+        let ca = new_ca(t.path(), "ca");
+        let ca2 = new_ca(t.path(), "ca2");
+        let a = node(&ca, t.path(), "a", 1);
+        let f = foreign_node(&ca2, &ca, t.path(), "f");
+        let (ta, _ia) = bind(&a);
+        let (tf, _if) = bind(&f);
+        let from_f = format!("peer={}", tf.local_addr());
+        let from_a = format!("peer={}", ta.local_addr());
+        assert!(tf
+            .send(
+                ta.local_addr(),
+                None,
+                frame(f.vnode_id(0), a.vnode_id(0), b"")
+            )
+            .await
+            .is_err());
+        assert!(ta
+            .send(
+                tf.local_addr(),
+                None,
+                frame(a.vnode_id(0), f.vnode_id(0), b"")
+            )
+            .await
+            .is_err());
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let text = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
+            let server_side = text.lines().any(|l| {
+                l.contains("WARN")
+                    && l.contains("inbound connection refused")
+                    && l.contains(&from_f)
+                    && l.contains("UnknownIssuer")
+            });
+            let client_side = text.lines().any(|l| {
+                l.contains("WARN")
+                    && l.contains("connection refused")
+                    && l.contains(&from_a)
+                    && l.contains("UnknownIssuer")
+            });
+            if server_side && client_side {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "missing refusal logs in:\n{text}"
+            );
+            smol::Timer::after(Duration::from_millis(20)).await;
+        }
     });
 }
