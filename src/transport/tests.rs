@@ -1048,3 +1048,73 @@ fn refusals_are_logged_with_the_peer_address_and_reason() {
         }
     });
 }
+
+#[test]
+fn silent_peers_time_out() {
+    smol::block_on(async {
+        let t = TempDir::new().unwrap();
+        let ca = new_ca(t.path(), "ca");
+        let (a, b) = (node(&ca, t.path(), "a", 1), node(&ca, t.path(), "b", 1));
+        let short = TransportConfig {
+            connect_timeout: Duration::from_millis(300),
+            request_timeout: Duration::from_millis(300),
+            ..cfg()
+        };
+        let (ta, _ia) = bind_cfg(&a, short);
+
+        // a UDP socket that never answers
+        let hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let started = Instant::now();
+        let e = ta
+            .send(
+                hole.local_addr().unwrap(),
+                None,
+                frame(a.vnode_id(0), b.vnode_id(0), b""),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SendError::Timeout {
+                    what: "connecting",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+
+        // a peer that takes requests and never answers them
+        let (tb, ib) = bind(&b);
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = held.clone();
+        smol::spawn(async move {
+            while let Ok(r) = ib.recv().await {
+                h.lock().unwrap().push(r);
+            }
+        })
+        .detach();
+        let started = Instant::now();
+        let e = ta
+            .request(
+                tb.local_addr(),
+                None,
+                frame(a.vnode_id(0), b.vnode_id(0), b"?"),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SendError::Timeout {
+                    what: "waiting for a reply",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(held.lock().unwrap().len(), 1, "the request did arrive");
+    });
+}
