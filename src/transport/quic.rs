@@ -6,8 +6,10 @@
 //! bidirectional one. The stream's end delimits the frame (read with
 //! `read_to_end(max_frame)`), so there is no length prefix to trust, and a
 //! frame over `max_frame` is refused by stopping its stream without
-//! touching the connection. Frames on different streams are not ordered
-//! with respect to each other.
+//! touching the connection. Frames are not ordered with respect to each
+//! other, not even two sends awaited one after the other: each stream is
+//! read by its own task. A caller that needs order numbers its frames or
+//! uses requests.
 
 use super::cert::{self, SERVER_NAME};
 use super::error::{SendError, TransportError};
@@ -448,7 +450,10 @@ impl Transport {
     }
 
     /// Connects (or reuses the connection) and returns who is there: how a
-    /// joiner learns a bootstrap peer's vnode ids from its address.
+    /// joiner learns a bootstrap peer's vnode ids from its address. Our
+    /// certificate has not necessarily been accepted yet when this returns
+    /// (TLS 1.3 lets the client finish first); a refusal shows on the next
+    /// send or request.
     pub async fn peer_info(&self, to: SocketAddr) -> Result<Arc<PeerInfo>, SendError> {
         let (live, _) = self.handle.shared.conn(to).await?;
         Ok(live.peer)
