@@ -3,7 +3,7 @@
 -- must not reach stays in locals of this chunk: Lua code cannot read another
 -- function's upvalues without the `debug` library, which is never loaded.
 local rt = ...
-local raw_pcall, raw_xpcall, raw_error, raw_load = pcall, xpcall, error, load
+local raw_pcall, raw_error, raw_load = pcall, error, load
 local raw_setmetatable, raw_collect = setmetatable, collectgarbage
 local rawget, type, select, string_byte = rawget, type, select, string.byte
 local yield = coroutine.yield
@@ -23,8 +23,21 @@ end
 function pcall(f, ...)
   return pass(raw_pcall(f, ...))
 end
+-- The message handler runs after the stack unwinds, not as a Lua message
+-- handler: Lua calls those with hooks off when the error came from a hook,
+-- and no budget could stop one.
+local function handled(h, ok, ...)
+  if ok then
+    return true, ...
+  end
+  local e = ...
+  if aborting(e) then
+    raw_error(e, 0)
+  end
+  return false, h(e)
+end
 function xpcall(f, h, ...)
-  return pass(raw_xpcall(f, h, ...))
+  return handled(h, raw_pcall(f, ...))
 end
 
 -- Finalizers run with debug hooks off, so no budget could stop one.

@@ -1,6 +1,7 @@
 //! Tests of the handler engine with an in-memory host.
 
 mod basics;
+mod hostile;
 
 use super::*;
 use crate::id::NodeId;
