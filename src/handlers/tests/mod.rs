@@ -2,6 +2,7 @@
 
 mod basics;
 mod hostile;
+mod policies;
 
 use super::*;
 use crate::id::NodeId;
