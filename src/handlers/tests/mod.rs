@@ -3,6 +3,7 @@
 mod basics;
 mod hostile;
 mod policies;
+mod tool;
 
 use super::*;
 use crate::id::NodeId;

@@ -1,0 +1,96 @@
+use super::super::tool::{bench, handler_run, RunError};
+use super::*;
+use serde_json::json;
+use std::io::Write;
+
+fn file(code: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(code.as_bytes()).unwrap();
+    f
+}
+
+#[test]
+fn handler_run_prints_result_effects_and_state() {
+    let f = file(
+        "function readCb(caller, args) state.n = args.n sys.log('hi', caller) \
+         sys.write(nil, sys.key(), args) return {got = sys.read(sys.key()), by = caller} end",
+    );
+    let out = match handler_run(f.path(), "read", Some(r#"{"v":1}"#), Some(r#"{"n":5}"#)) {
+        Ok(v) => v,
+        Err(_) => panic!("run failed"),
+    };
+    assert_eq!(out["result"], json!({"got": {"v": 1}, "by": "cli"}));
+    assert_eq!(out["logs"], json!(["hi\tcli"]));
+    assert_eq!(out["policy_state"], json!({"n": 5}));
+    assert_eq!(out["effects"][0]["effect"], json!("write"));
+    assert_eq!(
+        out["effects"][0]["key"],
+        json!({"app": "local", "name": "key"})
+    );
+    assert_eq!(handler_run_cmd(f.path(), "read", None, Some("{}")), 0);
+}
+
+#[test]
+fn handler_run_exit_codes() {
+    let bad = file("function updateCb() while true do end end");
+    assert!(matches!(
+        handler_run(bad.path(), "update", None, Some("1")),
+        Err(RunError::Handler(HandlerError::Instructions(_)))
+    ));
+    assert_eq!(handler_run_cmd(bad.path(), "update", None, Some("1")), 1);
+    assert_eq!(handler_run_cmd(bad.path(), "remove", None, None), 2);
+    assert_eq!(
+        handler_run_cmd(bad.path(), "update", None, Some("{nope")),
+        2
+    );
+    assert_eq!(
+        handler_run_cmd(
+            std::path::Path::new("/nonexistent/x.lua"),
+            "timer",
+            None,
+            None
+        ),
+        2
+    );
+    let syntax = file("function (");
+    assert_eq!(handler_run_cmd(syntax.path(), "timer", None, None), 1);
+}
+
+#[test]
+fn bench_covers_every_callback_of_every_policy() {
+    let report = match bench(50) {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let rows = report["callbacks"].as_array().unwrap();
+    let names: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r["policy"].as_str().unwrap(),
+                r["callback"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "adaptive-keepalive:readCb",
+            "adaptive-keepalive:timerCb",
+            "subscription:readCb",
+            "subscription:updateCb",
+            "subscription:timerCb",
+            "smart-replication:createCb",
+            "smart-replication:readCb",
+            "smart-replication:timerCb",
+        ]
+    );
+    for r in rows {
+        let (p50, p99) = (r["p50_us"].as_f64().unwrap(), r["p99_us"].as_f64().unwrap());
+        assert!(p50 > 0.0 && p50 <= p99, "{r}");
+    }
+    for (_, v) in report["idle_state"].as_object().unwrap() {
+        assert!(v["fresh_bytes"].as_u64().unwrap() > 0);
+    }
+}
