@@ -417,7 +417,7 @@ impl AppRuntime {
             .lua
             .create_thread(self.sb.runner.clone())
             .map_err(|e| self.map_error(e))?;
-        let (triggers, hook) = self.sb.shared.hook();
+        let (triggers, hook) = self.sb.shared.hook(self.limits.hook_interval);
         th.set_hook(triggers, hook);
         self.sb.shared.start(self.limits.instructions);
         Ok(th)

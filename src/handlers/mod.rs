@@ -64,6 +64,12 @@ pub struct Limits {
     pub max_reads: usize,
     /// Most `sys.log` lines one call keeps (later lines are counted, not kept).
     pub max_log_lines: usize,
+    /// VM instructions between two budget and clock checks. Hooks cannot
+    /// interrupt a single instruction, and one instruction (a concatenation,
+    /// a C library call) may copy up to `memory_bytes`, so the wall-clock cap
+    /// can be overshot by about this many such instructions; smaller values
+    /// check more often at some cost per call.
+    pub hook_interval: u32,
 }
 
 impl Default for Limits {
@@ -76,6 +82,7 @@ impl Default for Limits {
             max_effects: 256,
             max_reads: 32,
             max_log_lines: 64,
+            hook_interval: sandbox::DEFAULT_HOOK_INTERVAL,
         }
     }
 }

@@ -24,9 +24,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-/// Instructions between two hook calls: the granularity of the instruction
-/// budget and of the wall-clock check.
-pub const HOOK_EVERY: u32 = 1000;
+/// Instructions between two hook calls by default: the granularity of the
+/// instruction budget and of the wall-clock check.
+pub const DEFAULT_HOOK_INTERVAL: u32 = 1000;
 
 /// Bytes of `string.rep` output charged as one instruction.
 const REP_BYTES_PER_INSTRUCTION: u64 = 64;
@@ -154,16 +154,16 @@ impl Shared {
     /// The hook for a call's coroutine.
     pub fn hook(
         self: &Arc<Self>,
+        every: u32,
     ) -> (
         HookTriggers,
         impl Fn(&Lua, mlua::Debug) -> mlua::Result<VmState> + Send + 'static,
     ) {
         let me = Arc::clone(self);
+        let every = every.max(1);
         (
-            HookTriggers::new().every_nth_instruction(HOOK_EVERY),
-            move |_lua: &Lua, _d: mlua::Debug| {
-                me.charge(HOOK_EVERY as u64).map(|_| VmState::Continue)
-            },
+            HookTriggers::new().every_nth_instruction(every),
+            move |_lua: &Lua, _d: mlua::Debug| me.charge(every as u64).map(|_| VmState::Continue),
         )
     }
 }

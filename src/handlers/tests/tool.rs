@@ -94,3 +94,44 @@ fn bench_covers_every_callback_of_every_policy() {
         assert!(v["fresh_bytes"].as_u64().unwrap() > 0);
     }
 }
+
+/// Release figures: `cargo test --release --lib handlers::tests::tool::release_figures -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn release_figures() {
+    use std::time::{Duration, Instant};
+    assert_eq!(bench_handlers(true), 0);
+    // hook interval: cost on a CPU-bound handler, and wall-clock overshoot
+    // on a handler whose every concatenation copies 8 MB
+    for every in [100u32, 250, 1000] {
+        let limits = Limits {
+            hook_interval: every,
+            instructions: u64::MAX,
+            ..Limits::default()
+        };
+        let mut rt = lua_with(
+            "function readCb() local x = 0 for i = 1, 200000 do x = x + i % 7 end return x end",
+            limits.clone(),
+        );
+        let h = host();
+        let t0 = Instant::now();
+        for _ in 0..20 {
+            read(&mut rt, &h, json!(null)).unwrap();
+        }
+        let cpu = t0.elapsed() / 20;
+        let limits = Limits {
+            wall: Duration::from_millis(100),
+            ..limits
+        };
+        let mut rt = lua_with(
+            "function readCb() local s = string.rep('x', 4000000) while true do local t = s .. s end end",
+            limits,
+        );
+        let t0 = Instant::now();
+        let e = read(&mut rt, &h, json!(null)).unwrap_err();
+        println!(
+            "hook_interval {every}: 200k-iteration loop {cpu:?}; concat churn stopped after {:?} ({e})",
+            t0.elapsed()
+        );
+    }
+}
