@@ -20,6 +20,7 @@
 mod convert;
 mod engine;
 mod host;
+mod pattern;
 mod policies;
 mod sandbox;
 mod tool;

@@ -68,7 +68,7 @@ pub struct CallState {
 }
 
 impl Shared {
-    fn new(app: &str, limits: &Limits) -> Shared {
+    pub(super) fn new(app: &str, limits: &Limits) -> Shared {
         Shared {
             used: AtomicU64::new(0),
             budget: AtomicU64::new(limits.instructions),
@@ -188,6 +188,7 @@ impl Sandbox {
         let shared = Arc::new(Shared::new(app, limits));
         let array_mt = lua.create_table().map_err(setup)?;
         array_mt.raw_set("__name", "array").map_err(setup)?;
+        super::pattern::install(&lua, &shared).map_err(setup)?;
         let rt = runtime_table(&lua, &shared, &array_mt).map_err(setup)?;
         let (runner, read_token): (Function, Table) = lua
             .load(PRELUDE)
