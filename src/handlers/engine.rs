@@ -6,6 +6,7 @@ use super::host::SysHost;
 use super::policies::policy_source;
 use super::sandbox::Sandbox;
 use super::{AppKey, CallCtx, Event, EventKind, HandlerError, HandlerSource, Limits, Outcome};
+use crate::id::Micros;
 use mlua::{Function, MultiValue, Table, ThreadStatus, Value as LuaValue};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,8 +27,9 @@ pub struct AppRuntime {
     sb: Sandbox,
     /// key ("app/name") -> live policy state table.
     states: Table,
-    /// key -> last checkpoint of its policy state.
-    checkpoints: HashMap<String, serde_json::Value>,
+    /// key -> last checkpoint of its policy state, and when (host time;
+    /// `None` when restored from elsewhere).
+    checkpoints: HashMap<String, (Option<Micros>, serde_json::Value)>,
     defined: [bool; 4],
 }
 
@@ -151,7 +153,7 @@ impl AppRuntime {
         self.states
             .raw_set(k.as_str(), t)
             .map_err(|e| HandlerError::Value(e.to_string()))?;
-        self.checkpoints.insert(k, state);
+        self.checkpoints.insert(k, (None, state));
         Ok(())
     }
 
@@ -301,11 +303,20 @@ impl AppRuntime {
             }
         }
         if event.kind() == EventKind::Timer {
-            let snap = self
-                .export_state(&ctx.key)?
-                .unwrap_or_else(|| serde_json::json!({}));
-            self.checkpoints.insert(key_str.to_string(), snap.clone());
-            out.state = Some(snap);
+            let now = host.now();
+            let every = self.limits.checkpoint_every.as_micros() as u64;
+            let due = match self.checkpoints.get(key_str) {
+                Some((Some(at), _)) => now.saturating_sub(*at) >= every,
+                _ => true,
+            };
+            if due {
+                let snap = self
+                    .export_state(&ctx.key)?
+                    .unwrap_or_else(|| serde_json::json!({}));
+                self.checkpoints
+                    .insert(key_str.to_string(), (Some(now), snap.clone()));
+                out.state = Some(snap);
+            }
         }
         Ok(out)
     }
@@ -318,7 +329,7 @@ impl AppRuntime {
             return Ok(t);
         }
         let t = match self.checkpoints.get(key_str) {
-            Some(j) => match convert::to_lua(&self.sb.lua, j, &self.sb.array_mt) {
+            Some((_, j)) => match convert::to_lua(&self.sb.lua, j, &self.sb.array_mt) {
                 Ok(LuaValue::Table(t)) => t,
                 _ => self.sb.lua.create_table().map_err(lua_err)?,
             },

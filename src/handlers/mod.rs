@@ -12,10 +12,11 @@
 //!
 //! Where policy state lives: each app's Lua state keeps a table per key,
 //! reachable as the global `state` during a call on that key. It is
-//! checkpointed as JSON after every successful `timerCb` ([`Outcome::state`]);
-//! the runtime stores that checkpoint with the key so a new root resumes the
-//! policy from it ([`AppRuntime::restore_state`]). A failed call rolls the
-//! key's table back to the last checkpoint.
+//! checkpointed as JSON by successful `timerCb` calls, at most once per
+//! [`Limits::checkpoint_every`] ([`Outcome::state`]); the runtime stores that
+//! checkpoint with the key so a new root resumes the policy from it
+//! ([`AppRuntime::restore_state`]). A failed call rolls the key's table back
+//! to the last checkpoint.
 
 mod convert;
 mod engine;
@@ -71,6 +72,10 @@ pub struct Limits {
     /// can be overshot by about this many such instructions; smaller values
     /// check more often at some cost per call.
     pub hook_interval: u32,
+    /// Least host time between two checkpoints of a key's policy state
+    /// ([`Outcome::state`]): each is a store write, and a failed call rolls
+    /// back to the last one.
+    pub checkpoint_every: Duration,
 }
 
 impl Default for Limits {
@@ -84,6 +89,7 @@ impl Default for Limits {
             max_reads: 32,
             max_log_lines: 64,
             hook_interval: sandbox::DEFAULT_HOOK_INTERVAL,
+            checkpoint_every: Duration::from_secs(600),
         }
     }
 }
@@ -313,8 +319,9 @@ pub struct Outcome {
     pub effects: Vec<Effect>,
     /// `sys.log`/`print` lines of this call (also emitted through tracing).
     pub logs: Vec<String>,
-    /// After a successful timer call: the key's policy state as JSON, for
-    /// the runtime to store with the key (see the module docs).
+    /// After a successful timer call that took a checkpoint: the key's
+    /// policy state as JSON, for the runtime to store with the key (see the
+    /// module docs).
     pub state: Option<serde_json::Value>,
     /// Whether the app defines a callback for the event.
     pub ran: bool,

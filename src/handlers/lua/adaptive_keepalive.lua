@@ -10,7 +10,8 @@
 --   keep-alive (ka): a high percentile plus a margin; the container is
 --                  unloaded once ka has passed without an invocation.
 -- While there are few samples, or most idle times are beyond the histogram,
--- a fixed keep-alive is used instead. timerCb (every minute by default)
+-- a fixed keep-alive is used instead; when the idle times are spread too
+-- widely to predict, the keep-alive window is capped. timerCb (every minute by default)
 -- applies the windows through sys.deploy_container/sys.delete_container.
 --
 -- Per-key state (JSON-checkpointed by the engine): hist (idle-time bin
@@ -19,12 +20,12 @@
 local MINUTE = 60 * 1000000
 
 -- Bins: 1 minute wide below 1 h, 5 minutes below 4 h, 30 minutes below
--- 24 h; longer idle times are out of bounds (oob).
-local NBINS = 136
+-- 48 h; longer idle times are out of bounds (oob).
+local NBINS = 184
 local function bin_of(m)
   if m < 60 then return m + 1 end
   if m < 240 then return 61 + (m - 60) // 5 end
-  if m < 1440 then return 97 + (m - 240) // 30 end
+  if m < 2880 then return 97 + (m - 240) // 30 end
   return nil
 end
 local function bin_low(b)
@@ -39,11 +40,14 @@ local function bin_high(b)
 end
 
 local HEAD, TAIL = 0.05, 0.99     -- percentiles of the idle times
-local MARGIN = 0.15               -- widening of both windows
+local MARGIN = 0.10               -- widening of both windows
 local MIN_PW = 5                  -- minutes; shorter pre-warm windows are not worth an unload
 local MIN_SAMPLES = 4             -- fewer: fixed keep-alive
 local MAX_OOB = 0.5               -- more out-of-bounds idle times than this: fixed keep-alive
 local FALLBACK_KA = 60            -- minutes; the fixed keep-alive
+-- Idle times spread over more than SPREAD times their low percentile are
+-- not predictable enough to pay for a long keep-alive: it is then capped.
+local SPREAD, SPREAD_KA = 2, 120
 local MAX_SAMPLES = 2000          -- then halve all counts, so old patterns fade
 
 local function windows(st)
@@ -59,10 +63,14 @@ local function windows(st)
     if not head and acc > head_at then head = b end
     if acc >= tail_at then tail = b break end
   end
-  head, tail = head or 1, tail or NBINS
-  local pw = math.floor(bin_low(head) * (1 - MARGIN))
+  local lo, hi = bin_low(head or 1), bin_high(tail or NBINS)
+  local pw = math.floor(lo * (1 - MARGIN))
   if pw < MIN_PW then pw = 0 end
-  local ka = math.ceil(bin_high(tail) * (1 + MARGIN)) + 1
+  local ka = math.ceil(hi * (1 + MARGIN)) + 1
+  if hi > SPREAD * math.max(lo, 1) and ka > SPREAD_KA then
+    ka = SPREAD_KA
+  end
+  if pw >= ka then pw = 0 end
   return pw, ka
 end
 

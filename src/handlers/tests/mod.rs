@@ -2,6 +2,7 @@
 
 mod basics;
 mod hostile;
+mod keepalive_trace;
 mod pattern;
 mod policies;
 mod tool;
