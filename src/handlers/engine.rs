@@ -31,6 +31,8 @@ pub struct AppRuntime {
     /// `None` when restored from elsewhere).
     checkpoints: HashMap<String, (Option<Micros>, serde_json::Value)>,
     defined: [bool; 4],
+    /// The coroutine of the last successful call, reused by the next one.
+    spare: Option<mlua::Thread>,
 }
 
 /// What one run of a function in the sandbox ended with.
@@ -88,6 +90,7 @@ impl AppRuntime {
             states,
             checkpoints: HashMap::new(),
             defined: [false; 4],
+            spare: None,
         };
         let mut spent = Duration::ZERO;
         if let Err(e) = rt.run_sync(f, MultiValue::new(), &mut spent) {
@@ -118,6 +121,11 @@ impl AppRuntime {
     }
 
     /// Bytes the app's Lua state holds now.
+    #[cfg(test)]
+    pub(super) fn lua(&self) -> &mlua::Lua {
+        &self.sb.lua
+    }
+
     pub fn memory_used(&self) -> usize {
         self.sb.lua.used_memory()
     }
@@ -365,7 +373,10 @@ impl AppRuntime {
         let mut args = args;
         args.push_front(LuaValue::Function(f));
         match self.step(&th, args, spent)? {
-            Step::Done(run) => Ok(run),
+            Step::Done(run) => {
+                self.spare = Some(th);
+                Ok(run)
+            }
             Step::Read(_) => Err(HandlerError::Lua(
                 "sys.read is only available inside callbacks".into(),
             )),
@@ -386,7 +397,10 @@ impl AppRuntime {
         let mut next = self.step(&th, args, spent)?;
         loop {
             match next {
-                Step::Done(run) => return Ok(run),
+                Step::Done(run) => {
+                    self.spare = Some(th);
+                    return Ok(run);
+                }
                 Step::Read(key) => {
                     let answer = match AppKey::parse(&self.app, &key) {
                         Ok(k) => host.read(&k).await,
@@ -423,11 +437,19 @@ impl AppRuntime {
     }
 
     fn start(&mut self) -> Result<mlua::Thread, HandlerError> {
-        let th = self
-            .sb
-            .lua
-            .create_thread(self.sb.runner.clone())
-            .map_err(|e| self.map_error(e))?;
+        // only a coroutine that finished cleanly is reused: resetting one
+        // that failed would run its pending __close handlers unmetered
+        let reused = self.spare.take().filter(|t| {
+            t.status() == ThreadStatus::Finished && t.reset(self.sb.runner.clone()).is_ok()
+        });
+        let th = match reused {
+            Some(t) => t,
+            None => self
+                .sb
+                .lua
+                .create_thread(self.sb.runner.clone())
+                .map_err(|e| self.map_error(e))?,
+        };
         let (triggers, hook) = self.sb.shared.hook(self.limits.hook_interval);
         th.set_hook(triggers, hook);
         self.sb.shared.start(self.limits.instructions);

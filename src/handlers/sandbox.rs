@@ -26,7 +26,7 @@ use std::time::Instant;
 
 /// Instructions between two hook calls by default: the granularity of the
 /// instruction budget and of the wall-clock check.
-pub const DEFAULT_HOOK_INTERVAL: u32 = 1000;
+pub const DEFAULT_HOOK_INTERVAL: u32 = 250;
 
 /// Bytes of `string.rep` output charged as one instruction.
 const REP_BYTES_PER_INSTRUCTION: u64 = 64;

@@ -150,6 +150,11 @@ const GOAL_IDLE_BYTES: usize = 256 * 1024;
 const MINUTE: u64 = 60_000_000;
 
 pub(super) fn bench(calls: usize) -> Result<Value, HandlerError> {
+    bench_with(calls, |_| {})
+}
+
+/// `bench`, with `tweak` applied to every app state before it is measured.
+pub(super) fn bench_with(calls: usize, tweak: impl Fn(&AppRuntime)) -> Result<Value, HandlerError> {
     let mut rows = Vec::new();
     let mut idle = serde_json::Map::new();
     let mut ok = true;
@@ -159,6 +164,7 @@ pub(super) fn bench(calls: usize) -> Result<Value, HandlerError> {
             &HandlerSource::Policy(name.into()),
             Limits::default(),
         )?;
+        tweak(&rt);
         rt.gc();
         let fresh = rt.memory_used();
         let host = Arc::new(MemHost::with_leaves(NodeId::hash(b"bench"), 8));
