@@ -33,6 +33,10 @@ pub struct AppRuntime {
     defined: [bool; 4],
     /// The coroutine of the last successful call, reused by the next one.
     spare: Option<mlua::Thread>,
+    /// The key of a call that has started and not finished: if the caller
+    /// dropped that call's future (while it waited on a read), the next
+    /// call rolls the key back first.
+    in_flight: Option<String>,
 }
 
 /// What one run of a function in the sandbox ended with.
@@ -91,6 +95,7 @@ impl AppRuntime {
             checkpoints: HashMap::new(),
             defined: [false; 4],
             spare: None,
+            in_flight: None,
         };
         let mut spent = Duration::ZERO;
         if let Err(e) = rt.run_sync(f, MultiValue::new(), &mut spent) {
@@ -209,8 +214,15 @@ impl AppRuntime {
             Ok(LuaValue::Function(f)) => f,
             _ => return Ok(default_outcome(event, ctx)),
         };
+        if let Some(abandoned) = self.in_flight.take() {
+            tracing::warn!(target: "capy::handlers", app = %self.app, key = %abandoned,
+                "a call was dropped before it finished; its policy state is rolled back");
+            self.rollback(&abandoned);
+        }
         let key_str = ctx.key.to_string();
+        self.in_flight = Some(key_str.clone());
         let res = self.call_inner(&event, ctx, host, cb, &key_str).await;
+        self.in_flight = None;
         {
             let mut c = self.sb.shared.lock();
             c.host = None;

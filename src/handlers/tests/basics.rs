@@ -245,3 +245,73 @@ fn values_are_bounded() {
         "{e}"
     );
 }
+
+#[test]
+fn reads_work_inside_pcall_and_fail_cleanly_across_c_calls() {
+    let mut rt = lua(r#"
+        function readCb(caller, args)
+          if args.sort then
+            local t = {"b", "a"}
+            table.sort(t, function(x, y) sys.read("peer") return x < y end)
+          end
+          local ok, v = pcall(sys.read, "peer")
+          return { ok = ok, v = v }
+        end
+        "#);
+    let mut h = MemHost::with_leaves(NodeId(7), 2);
+    h.suspend_reads = true;
+    let h = Arc::new(h);
+    h.put(key("peer"), json!(5), vec![]);
+    let out = read(&mut rt, &h, json!({})).unwrap();
+    assert_eq!(out.result, Some(json!({"ok": true, "v": 5})));
+    let e = read(&mut rt, &h, json!({"sort": true})).unwrap_err();
+    assert!(
+        matches!(&e, HandlerError::Lua(m) if m.contains("yield")),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_call_future_is_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let mut rt = lua("function readCb() return 1 end");
+    let h: Arc<dyn SysHost> = host();
+    let fut = rt.call(Event::Timer, CallCtx::new(key("k"), ""), h);
+    assert_send(&fut);
+}
+
+#[test]
+fn a_dropped_call_is_rolled_back() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+    let mut rt = lua(r#"
+        function readCb(caller, args)
+          state.n = (state.n or 0) + 1
+          if args.wait then sys.read("peer") end
+          return state.n
+        end
+        function timerCb() end
+        "#);
+    let mut h = MemHost::with_leaves(NodeId(7), 2);
+    h.suspend_reads = true;
+    let h = Arc::new(h);
+    read(&mut rt, &h, json!({})).unwrap();
+    call(&mut rt, Event::Timer, CallCtx::new(key("k"), ""), &h).unwrap(); // checkpoint n=1
+    {
+        let dh: Arc<dyn SysHost> = h.clone();
+        let mut fut = Box::pin(rt.call(
+            Event::Read {
+                args: json!({"wait": true}),
+            },
+            CallCtx::new(key("k"), "c"),
+            dh,
+        ));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(
+            fut.as_mut().poll(&mut cx).is_pending(),
+            "suspended on the read"
+        );
+    } // dropped mid-call, with state.n = 2 in Lua
+    let out = read(&mut rt, &h, json!({})).unwrap();
+    assert_eq!(out.result, Some(json!(2)), "rolled back to n=1, then +1");
+}
