@@ -208,17 +208,17 @@ impl AppRuntime {
         host: Arc<dyn SysHost>,
     ) -> Result<Outcome, HandlerError> {
         self.check_app(&ctx.key)?;
+        if let Some(abandoned) = self.in_flight.take() {
+            tracing::warn!(target: "capy::handlers", app = %self.app, key = %abandoned,
+                "a call was dropped before it finished; its policy state is rolled back");
+            self.rollback(&abandoned);
+        }
         let kind = event.kind();
         let g = self.sb.lua.globals();
         let cb = match g.raw_get::<LuaValue>(kind.callback()) {
             Ok(LuaValue::Function(f)) => f,
             _ => return Ok(default_outcome(event, ctx)),
         };
-        if let Some(abandoned) = self.in_flight.take() {
-            tracing::warn!(target: "capy::handlers", app = %self.app, key = %abandoned,
-                "a call was dropped before it finished; its policy state is rolled back");
-            self.rollback(&abandoned);
-        }
         let key_str = ctx.key.to_string();
         self.in_flight = Some(key_str.clone());
         let res = self.call_inner(&event, ctx, host, cb, &key_str).await;

@@ -100,7 +100,8 @@ function readCb(caller, args)
   init(st)
   local now = sys.now()
   if st.last then
-    record(st, (now - st.last) // MINUTE)
+    -- a clock that stepped back counts as no idle time
+    record(st, math.max(now - st.last, 0) // MINUTE)
   end
   st.last = now
   if not st.warm then

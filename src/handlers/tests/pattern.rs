@@ -142,3 +142,22 @@ fn catastrophic_patterns_are_stopped_by_the_budget() {
         Some(json!("1=a, 2=b"))
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+    /// Arbitrary special-heavy patterns: never a panic, and the same answer
+    /// (or an error on both sides) as Lua's matcher.
+    #[test]
+    fn agrees_with_lua_on_arbitrary_patterns(
+        subject in "[ab%\\[\\]()\\-\\^$.\\x00]{0,10}",
+        pattern in "[ab%\\[\\]()\\-\\^$.*+?bf0-3\\x00]{0,10}",
+        init in -12i64..12,
+    ) {
+        let s = format!("{subject:?}").replace("\\u{0}", "\\0");
+        let p = format!("{pattern:?}").replace("\\u{0}", "\\0");
+        same(&format!("return string.find({s}, {p}, {init})"));
+        same(&format!("return string.match({s}, {p}, {init})"));
+        same(&format!("return string.gsub({s}, {p}, '%0%0')"));
+        same(&format!("local n = 0 for a in string.gmatch({s}, {p}) do n = n + 1 if n > 50 then break end end return n"));
+    }
+}

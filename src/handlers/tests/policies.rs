@@ -259,3 +259,16 @@ fn every_policy_loads_and_idles_small() {
         assert!(used <= 256 * 1024, "{name}: {used} bytes");
     }
 }
+
+#[test]
+fn keepalive_survives_a_clock_that_steps_back() {
+    let mut rt = policy("adaptive-keepalive");
+    let h = host();
+    for t in [100 * MIN, 50 * MIN, 120 * MIN, 10 * MIN] {
+        h.set_now(t);
+        call(&mut rt, Event::Read { args: json!(null) }, ctx(), &h).unwrap();
+        call(&mut rt, Event::Timer, CallCtx::new(key("f"), ""), &h).unwrap();
+    }
+    let st = rt.export_state(&key("f")).unwrap().unwrap();
+    assert_eq!(st["n"], json!(3));
+}
