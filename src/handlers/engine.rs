@@ -125,12 +125,12 @@ impl AppRuntime {
         self.defined[kind as usize]
     }
 
-    /// Bytes the app's Lua state holds now.
     #[cfg(test)]
     pub(super) fn lua(&self) -> &mlua::Lua {
         &self.sb.lua
     }
 
+    /// Bytes the app's Lua state holds now.
     pub fn memory_used(&self) -> usize {
         self.sb.lua.used_memory()
     }

@@ -18,6 +18,7 @@
 //! ([`AppRuntime::restore_state`]). A failed call rolls the key's table back
 //! to the last checkpoint.
 
+mod charged;
 mod convert;
 mod engine;
 mod host;

@@ -189,6 +189,7 @@ impl Sandbox {
         let array_mt = lua.create_table().map_err(setup)?;
         array_mt.raw_set("__name", "array").map_err(setup)?;
         super::pattern::install(&lua, &shared).map_err(setup)?;
+        super::charged::install(&lua, &shared).map_err(setup)?;
         let rt = runtime_table(&lua, &shared, &array_mt).map_err(setup)?;
         let (runner, read_token): (Function, Table) = lua
             .load(PRELUDE)
@@ -312,6 +313,14 @@ fn log_line(args: &MultiValue) -> String {
         line.push('…');
     }
     line
+}
+
+fn is_memory_error(e: &mlua::Error) -> bool {
+    match e {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } => is_memory_error(cause),
+        _ => false,
+    }
 }
 
 /// The Rust functions the prelude wires into `sys` and the base library.
@@ -540,7 +549,7 @@ fn runtime_table(lua: &Lua, shared: &Arc<Shared>, array_mt: &Table) -> mlua::Res
             }
             let out_of_memory = match &err {
                 LuaValue::String(m) => m.as_bytes().as_ref() == b"not enough memory",
-                LuaValue::Error(e) => matches!(**e, mlua::Error::MemoryError(_)),
+                LuaValue::Error(e) => is_memory_error(e),
                 _ => false,
             };
             if out_of_memory {

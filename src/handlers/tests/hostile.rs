@@ -319,3 +319,35 @@ fn wall_clock_cap_with_expensive_instructions() {
     eprintln!("concat churn stopped after {took:?} (cap 100 ms)");
     assert!(took < Duration::from_secs(3), "took {took:?}");
 }
+
+#[test]
+fn costly_library_calls_are_charged() {
+    let t0 = Instant::now();
+    let big = "local t = {string.byte(string.rep('x', 400000), 1, -1)}";
+    hostile(&format!("{big} while true do table.sort(t) end"), is_budget);
+    hostile(
+        &format!("{big} while true do table.insert(t, 1, 0) table.remove(t, 1) end"),
+        is_budget,
+    );
+    hostile(
+        &format!("{big} while true do local s = table.concat(t, ',') end"),
+        |e| is_budget(e) || is_memory(e),
+    );
+    hostile(
+        "local s = string.rep('x', 4e6) while true do local u = s:upper() end",
+        is_budget,
+    );
+    hostile(
+        "local s = string.rep(' ', 8e6) while true do tonumber(s) end",
+        is_budget,
+    );
+    hostile(
+        "local s = string.rep('x = 1 ', 1e6) while true do load(s) end",
+        is_budget,
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+}
