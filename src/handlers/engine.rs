@@ -75,6 +75,13 @@ impl AppRuntime {
                 "app name {app:?} must be non-empty, without '/'"
             )));
         }
+        if code.len() > super::MAX_SOURCE_BYTES {
+            return Err(HandlerError::Load(format!(
+                "{name}: {} bytes of source is more than {}",
+                code.len(),
+                super::MAX_SOURCE_BYTES
+            )));
+        }
         let sb = Sandbox::new(app, &limits)?;
         let f = sb
             .lua

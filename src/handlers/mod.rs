@@ -17,6 +17,17 @@
 //! checkpoint with the key so a new root resumes the policy from it
 //! ([`AppRuntime::restore_state`]). A failed call rolls the key's table back
 //! to the last checkpoint.
+//!
+//! How the node runtime uses it: one [`AppRuntime`] per app on each node
+//! (built from the app's policy name or Lua source), kept behind an async
+//! mutex since calls take `&mut self`. For each event on a key it is root
+//! of, it calls [`AppRuntime::call`] with a [`CallCtx`] and its [`SysHost`];
+//! on `Ok` it applies [`Outcome::effects`] with the result and stores
+//! [`Outcome::state`] when present; on `Err` it answers the caller with the
+//! error and changes nothing. It fires [`Event::Timer`] per key every
+//! timer interval ([`DEFAULT_TIMER_INTERVAL`] unless the app says
+//! otherwise), and on becoming a key's root calls
+//! [`AppRuntime::restore_state`] with the stored checkpoint.
 
 mod charged;
 mod convert;
@@ -42,6 +53,9 @@ use std::time::Duration;
 
 /// How often the runtime fires `timerCb` when the app does not say.
 pub const DEFAULT_TIMER_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Largest handler source accepted.
+pub const MAX_SOURCE_BYTES: usize = 1 << 20;
 
 /// Longest key (app and name together) a handler may name.
 pub const MAX_KEY_BYTES: usize = 1024;

@@ -4,9 +4,15 @@
 //! Budget rules that are easy to get wrong, and how they are kept:
 //! - Hooks fire per Lua thread, so every call runs in a fresh coroutine with
 //!   the hook set on it; the `coroutine` library itself is not offered.
-//! - Hooks do not fire inside C functions: a C call's cost is bounded by the
-//!   memory limit, `string.rep` is charged by the bytes it makes, and the
-//!   wall clock is checked at every hook.
+//! - Hooks do not fire inside C functions: the costly library functions
+//!   are charged by their work (`charged`), the pattern functions are a
+//!   metered port (`pattern`), `string.rep` is refused past the memory limit
+//!   before it copies, and the wall clock is checked at every hook. What a
+//!   single VM instruction can still do (a concatenation copying up to the
+//!   memory limit) bounds how far past the wall-clock cap a call can run:
+//!   about `Limits::hook_interval` such instructions.
+//! - Lua calls a message handler with hooks off when the error came from a
+//!   hook, so `xpcall`'s handler is called after the stack unwinds instead.
 //! - Hooks are off inside finalizers, so `__gc` metamethods are refused.
 //! - `pcall` cannot swallow an abort; the abort flag stays set, so the hook
 //!   keeps failing the call until it unwinds.
@@ -237,12 +243,12 @@ fn scoped_key(shared: &Shared, f: &str, v: &LuaValue) -> mlua::Result<AppKey> {
 }
 
 fn value_arg(
-    lua_shared: &Shared,
+    shared: &Shared,
     array_mt: &Table,
     f: &str,
     v: &LuaValue,
 ) -> mlua::Result<serde_json::Value> {
-    let max = lua_shared.lock().limits.max_value_bytes;
+    let max = shared.lock().limits.max_value_bytes;
     match convert::from_lua(v, max, array_mt) {
         Ok(Some(j)) => Ok(j),
         Ok(None) => Ok(serde_json::Value::Null),

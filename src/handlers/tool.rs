@@ -4,7 +4,7 @@
 
 use super::{
     AppKey, AppRuntime, CallCtx, Event, EventKind, HandlerError, HandlerSource, Limits, MemHost,
-    Outcome, SysHost, POLICIES,
+    Outcome, SysHost, MAX_SOURCE_BYTES, POLICIES,
 };
 use crate::id::NodeId;
 use futures_lite::future::block_on;
@@ -12,9 +12,6 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-
-/// Largest handler file `handler run` reads.
-const MAX_SOURCE_BYTES: u64 = 1 << 20;
 
 /// The app name local runs use.
 const LOCAL_APP: &str = "local";
@@ -70,7 +67,7 @@ pub(super) fn handler_run(
     let data = parse_json("state", state)?;
     let args = parse_json("args", args)?.unwrap_or(Value::Null);
     let meta = std::fs::metadata(file).map_err(|e| input(format!("{}: {e}", file.display())))?;
-    if meta.len() > MAX_SOURCE_BYTES {
+    if meta.len() > MAX_SOURCE_BYTES as u64 {
         return Err(input(format!(
             "{}: {} bytes is more than the {MAX_SOURCE_BYTES} a handler may have",
             file.display(),
