@@ -206,6 +206,9 @@ impl Sandbox {
         let g = lua.globals();
         g.raw_set("coroutine", LuaValue::Nil).map_err(setup)?;
         lua.set_memory_limit(limits.memory_bytes).map_err(setup)?;
+        // Generational collection: most of a call's garbage dies young, and
+        // it measured a lower p99 per call than the incremental default.
+        lua.gc_gen(0, 0);
         Ok(Sandbox {
             lua,
             shared,

@@ -101,11 +101,11 @@ fn bench_covers_every_callback_of_every_policy() {
 fn release_figures() {
     use std::time::{Duration, Instant};
     assert_eq!(bench_handlers(true), 0);
-    let generational = bench_with(5000, |rt| {
-        rt.lua().gc_gen(0, 0);
+    let incremental = bench_with(5000, |rt| {
+        rt.lua().gc_inc(0, 0, 0);
     })
     .unwrap();
-    println!("generational gc: {generational}");
+    println!("incremental gc: {incremental}");
     // hook interval: cost on a CPU-bound handler, and wall-clock overshoot
     // on a handler whose every concatenation copies 8 MB
     for every in [100u32, 250, 1000] {
