@@ -288,13 +288,24 @@ impl LeafSet {
         self.left.iter().chain(&self.right).find(|e| e.h.id == id)
     }
 
+    /// Whether some node may sit on both sides: only when the two arcs
+    /// together reach around the ring (a node on both sides has ccw + cw
+    /// distance equal to the ring size).
+    fn sides_may_overlap(&self) -> bool {
+        match (self.left.last(), self.right.last()) {
+            (Some(l), Some(r)) => l.h.id.cw(self.me).checked_add(self.me.cw(r.h.id)).is_none(),
+            _ => false,
+        }
+    }
+
     /// Distinct members (a node on both sides appears once).
     pub fn members(&self) -> impl Iterator<Item = &LeafEntry> {
         let left = &self.left;
+        let overlap = self.sides_may_overlap();
         left.iter().chain(
             self.right
                 .iter()
-                .filter(move |e| !left.iter().any(|l| l.h.id == e.h.id)),
+                .filter(move |e| !overlap || !left.iter().any(|l| l.h.id == e.h.id)),
         )
     }
 
@@ -317,17 +328,7 @@ impl LeafSet {
     /// True when the leaf set spans the whole ring: a side is not full (so
     /// I know fewer than `2 * half` other nodes) or the sides meet.
     pub fn covers_ring(&self) -> bool {
-        match (self.left.last(), self.right.last()) {
-            (Some(l), Some(r)) if self.left.len() >= self.half && self.right.len() >= self.half => {
-                let span = l.h.id.cw(self.me).checked_add(self.me.cw(r.h.id));
-                span.is_none()
-                    || self
-                        .right
-                        .iter()
-                        .any(|e| self.left.iter().any(|x| x.h.id == e.h.id))
-            }
-            _ => true,
-        }
+        self.left.len() < self.half || self.right.len() < self.half || self.sides_may_overlap()
     }
 
     /// Whether `key` lies between my farthest left and right members.

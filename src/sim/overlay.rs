@@ -109,6 +109,10 @@ pub struct OverlayReport {
     pub events: u64,
     pub build_seconds: f64,
     pub build_virtual_seconds: f64,
+    /// Wall-clock seconds of the phases after the build.
+    pub lookup_seconds: f64,
+    pub failure_lookup_seconds: f64,
+    pub repair_seconds: f64,
     pub total_seconds: f64,
     pub peak_rss_mb: f64,
 }
@@ -593,7 +597,11 @@ pub fn run_overlay(opts: &OverlaySimOpts) -> OverlayReport {
         .sum::<usize>() as f64
         / n.max(1) as f64;
 
+    let t1 = Instant::now();
     let before = sim.lookups(opts.lookups);
+    let lookup_seconds = t1.elapsed().as_secs_f64();
+    let mut failure_lookup_seconds = 0.0;
+    let mut repair_seconds = 0.0;
 
     let mut failed_nodes = 0;
     let mut after_failure = None;
@@ -610,7 +618,10 @@ pub fn run_overlay(opts: &OverlaySimOpts) -> OverlayReport {
             sim.nodes[idx[i] as usize].alive = false;
         }
         failed_nodes = k;
+        let t2 = Instant::now();
         after_failure = Some(sim.lookups(opts.lookups));
+        failure_lookup_seconds = t2.elapsed().as_secs_f64();
+        let t3 = Instant::now();
 
         sim.ticking = true;
         let start = sim.now;
@@ -633,6 +644,7 @@ pub fn run_overlay(opts: &OverlaySimOpts) -> OverlayReport {
         exact_repair = Some(exact);
         sim.ticking = false;
         sim.run(Micros::MAX);
+        repair_seconds = t3.elapsed().as_secs_f64();
         after_repair = Some(sim.lookups(opts.lookups));
     }
 
@@ -666,6 +678,9 @@ pub fn run_overlay(opts: &OverlaySimOpts) -> OverlayReport {
         events: sim.events,
         build_seconds,
         build_virtual_seconds: build_virtual,
+        lookup_seconds,
+        failure_lookup_seconds,
+        repair_seconds,
         total_seconds: t0.elapsed().as_secs_f64(),
         peak_rss_mb: peak_rss_mb(),
     }
