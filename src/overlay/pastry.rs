@@ -274,12 +274,16 @@ impl Pastry {
 
     pub fn rtt(&self, id: NodeId) -> Option<Micros> {
         let known = |r: u32| (r != UNKNOWN_RTT).then_some(r as Micros);
-        self.nbrs
-            .iter()
-            .find(|e| e.h.id == id)
+        self.leaf
+            .get(id)
             .and_then(|e| known(e.rtt))
             .or_else(|| self.rt.get(id).and_then(|e| known(e.rtt)))
-            .or_else(|| self.leaf.get(id).and_then(|e| known(e.rtt)))
+            .or_else(|| {
+                self.nbrs
+                    .iter()
+                    .find(|e| e.h.id == id)
+                    .and_then(|e| known(e.rtt))
+            })
     }
 
     /// Next node toward the root of `key`; `None` when I am the root.

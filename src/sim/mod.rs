@@ -5,6 +5,7 @@
 //! around a run, for the report).
 
 mod overlay;
+mod queue;
 
 pub use overlay::{print_overlay, run_overlay, OverlayReport, OverlaySimOpts};
 

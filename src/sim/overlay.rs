@@ -25,11 +25,11 @@
 //! lookups are repeated. A lookup succeeds when delivered at the live node
 //! numerically closest to its key.
 
+use super::queue::Queue;
 use crate::id::{Micros, NodeHandle, NodeId};
 use crate::overlay::{Action, Config, Msg, Pastry};
 use serde::Serialize;
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Instant;
 
@@ -188,10 +188,7 @@ struct Sim {
     nodes: Vec<Node>,
     zone_delay: Vec<Micros>,
     zones: usize,
-    queue: BinaryHeap<Reverse<(Micros, u64, u32)>>,
-    slab: Vec<Option<Ev>>,
-    free: Vec<u32>,
-    seq: u64,
+    queue: Queue<Ev>,
     now: Micros,
     rng: SplitMix,
     send_fail_delay: Micros,
@@ -250,10 +247,8 @@ impl Sim {
             nodes,
             zone_delay,
             zones,
-            queue: BinaryHeap::new(),
-            slab: Vec::new(),
-            free: Vec::new(),
-            seq: 0,
+            // 1 ms buckets (every one-way delay is at least 1 ms) over 4 s.
+            queue: Queue::new(MS, 4096),
             now: 0,
             rng,
             send_fail_delay: opts.send_fail_delay,
@@ -279,18 +274,7 @@ impl Sim {
     }
 
     fn push(&mut self, at: Micros, ev: Ev) {
-        let slot = match self.free.pop() {
-            Some(s) => {
-                self.slab[s as usize] = Some(ev);
-                s
-            }
-            None => {
-                self.slab.push(Some(ev));
-                (self.slab.len() - 1) as u32
-            }
-        };
-        self.seq += 1;
-        self.queue.push(Reverse((at, self.seq, slot)));
+        self.queue.push(at, ev);
     }
 
     fn apply(&mut self, who: usize, acts: Vec<Action>) {
@@ -380,15 +364,7 @@ impl Sim {
 
     /// Runs events up to `until` (or until none are left).
     fn run(&mut self, until: Micros) {
-        while let Some(&Reverse((t, _, slot))) = self.queue.peek() {
-            if t > until {
-                break;
-            }
-            self.queue.pop();
-            let Some(ev) = self.slab[slot as usize].take() else {
-                continue;
-            };
-            self.free.push(slot);
+        while let Some((t, ev)) = self.queue.pop(until) {
             self.now = t;
             self.events += 1;
             match ev {
