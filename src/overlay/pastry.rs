@@ -372,10 +372,10 @@ impl Pastry {
     }
 
     /// Graceful leave: hand my leaf set to its members and go quiet.
-    pub fn leave(&mut self, _now: Micros) -> Vec<Action> {
+    pub fn leave(&mut self, now: Micros) -> Vec<Action> {
         let mut out = Vec::new();
         if self.state == State::Joined {
-            let list = self.leaf_list();
+            let list = self.leaf_list(now);
             for e in self.leaf.members() {
                 out.push(Action::Send {
                     to: e.h,
@@ -414,7 +414,7 @@ impl Pastry {
             } => {
                 if joiner.id != self.me.id && self.joined() {
                     // hops already counts my JoinRows.
-                    self.route_join(joiner, hops, min_row, &mut out);
+                    self.route_join(now, joiner, hops, min_row, &mut out);
                 }
             }
             _ => {}
@@ -477,7 +477,7 @@ impl Pastry {
                 min_row,
             } => {
                 if joined && joiner.id != self.me.id && hops < self.cfg.max_hops {
-                    self.on_join(joiner, hops, min_row, &mut out);
+                    self.on_join(now, joiner, hops, min_row, &mut out);
                 }
             }
             Msg::JoinRows { entries } => {
@@ -523,7 +523,7 @@ impl Pastry {
                         back = Some(self.stamp(now, from.id));
                     }
                     if announce && !was_leaf && self.leaf.contains(from.id) {
-                        leaf_set = Some(self.leaf_list());
+                        leaf_set = Some(self.leaf_list(now));
                     }
                 }
                 out.push(Action::Send {
@@ -577,7 +577,7 @@ impl Pastry {
                     out.push(Action::Send {
                         to: from,
                         msg: Msg::LeafSetReply {
-                            leaf_set: self.leaf_list(),
+                            leaf_set: self.leaf_list(now),
                         },
                     });
                 }
@@ -704,7 +704,14 @@ impl Pastry {
 
     // ---- join ----
 
-    fn on_join(&mut self, joiner: NodeHandle, hops: u8, min_row: u8, out: &mut Vec<Action>) {
+    fn on_join(
+        &mut self,
+        now: Micros,
+        joiner: NodeHandle,
+        hops: u8,
+        min_row: u8,
+        out: &mut Vec<Action>,
+    ) {
         let shl = self.me.id.shared_prefix(joiner.id).min(DIGITS - 1);
         let mut entries: Vec<NodeHandle> = Vec::new();
         for r in (min_row as usize)..=shl {
@@ -736,7 +743,7 @@ impl Pastry {
                 to: joiner,
                 msg: Msg::JoinReply {
                     expected: hops,
-                    leaf_set: self.leaf_list(),
+                    leaf_set: self.leaf_list(now),
                     entries,
                 },
             }),
@@ -744,7 +751,14 @@ impl Pastry {
     }
 
     /// Re-routes a Join whose next hop failed; my rows already went out.
-    fn route_join(&mut self, joiner: NodeHandle, hops: u8, min_row: u8, out: &mut Vec<Action>) {
+    fn route_join(
+        &mut self,
+        now: Micros,
+        joiner: NodeHandle,
+        hops: u8,
+        min_row: u8,
+        out: &mut Vec<Action>,
+    ) {
         match self.next_hop_skipping(joiner.id, Some(joiner.id)) {
             Some(next) => out.push(Action::Send {
                 to: next,
@@ -758,7 +772,7 @@ impl Pastry {
                 to: joiner,
                 msg: Msg::JoinReply {
                     expected: hops,
-                    leaf_set: self.leaf_list(),
+                    leaf_set: self.leaf_list(now),
                     entries: JoinList::new(),
                 },
             }),
@@ -1044,7 +1058,7 @@ impl Pastry {
     fn keep_alive(&mut self, now: Micros, out: &mut Vec<Action>) {
         let interval = self.cfg.probe_interval;
         let timeout = self.cfg.probe_timeout;
-        let step = (timeout / (self.cfg.probe_retries as Micros + 1)).max(1);
+        let step = self.probe_step();
         let retries = self.cfg.probe_retries;
         let mut send: Vec<NodeHandle> = Vec::new();
         let mut failed: Vec<NodeId> = Vec::new();
@@ -1120,8 +1134,21 @@ impl Pastry {
         }
     }
 
-    fn leaf_list(&self) -> LeafList {
-        Bounded::truncating(self.leaf.members().map(|e| e.h))
+    /// My leaf set as I vouch for it: members with a probe unanswered for
+    /// a retry step are left out, so a failure I am about to detect does
+    /// not spread to the node that asked.
+    fn leaf_list(&self, now: Micros) -> LeafList {
+        let step = self.probe_step();
+        Bounded::truncating(
+            self.leaf
+                .members()
+                .filter(|e| e.probe_sent == NO_PROBE || now.saturating_sub(e.probe_sent) < step)
+                .map(|e| e.h),
+        )
+    }
+
+    fn probe_step(&self) -> Micros {
+        (self.cfg.probe_timeout / (self.cfg.probe_retries as Micros + 1)).max(1)
     }
 
     fn tag(&self, peer: NodeId, sent: Micros) -> u64 {

@@ -57,7 +57,7 @@ pub struct Queue<E> {
 
 /// Buckets whose storage grew past this many events give it back once
 /// drained, so memory follows the events in flight.
-const KEEP: usize = 1024;
+const KEEP: usize = 128;
 
 impl<E> Queue<E> {
     pub fn new(width: Micros, buckets: usize) -> Self {
