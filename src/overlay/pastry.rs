@@ -882,10 +882,7 @@ impl Pastry {
         // An RTT measured earlier (say, as a leaf-set member) still counts.
         let known = rtt.or_else(|| self.rtt(h.id).map(|r| r as u32));
         let mut wants = match self.rt.offer(h, known, direct) {
-            Offer::Inserted | Offer::Present => known.is_none(),
-            // A slot whose entries are all about as near as my nearest
-            // nodes is good enough: not worth a measurement per newcomer.
-            Offer::Full { worst } => known.is_none() && worst > self.near_bound(),
+            Offer::Inserted | Offer::Full | Offer::Present => known.is_none(),
             Offer::Replaced(_) | Offer::Rejected => false,
         };
         if known.is_none()
@@ -940,15 +937,6 @@ impl Pastry {
             to: h,
             msg: Msg::Probe { stamp },
         });
-    }
-
-    /// RTT of the farthest member of a full neighbourhood set (unbounded
-    /// until it is full).
-    fn near_bound(&self) -> u32 {
-        if self.nbrs.len() < self.cfg.neighbourhood_size {
-            return 0;
-        }
-        self.nbrs.last().map_or(0, |e| e.rtt)
     }
 
     fn offer_neighbour(&mut self, h: NodeHandle, rtt: u32) {

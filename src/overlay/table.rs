@@ -27,9 +27,8 @@ pub enum Offer {
     Inserted,
     /// Pushed out a slower entry (proximity neighbour selection).
     Replaced(NodeHandle),
-    /// The slot is full of entries at least as close as the candidate;
-    /// `worst` is the highest RTT among them.
-    Full { worst: u32 },
+    /// The slot is full of entries at least as close as the candidate.
+    Full,
 }
 
 pub struct RoutingTable {
@@ -137,7 +136,7 @@ impl RoutingTable {
             }
         }
         if rtt >= row[w].rtt {
-            return Offer::Full { worst: row[w].rtt };
+            return Offer::Full;
         }
         let old = row.remove(w).h;
         let at = row.partition_point(|e| e.h.id < h.id);

@@ -97,7 +97,7 @@ fn routing_slot_keeps_lowest_rtt_candidates() {
         rt.offer(h(ids[2]), Some(5000), false),
         Offer::Replaced(h(ids[1]))
     );
-    assert_eq!(rt.offer(h(ids[3]), Some(6000), false), Offer::Full { worst: 5000 });
+    assert_eq!(rt.offer(h(ids[3]), Some(6000), false), Offer::Full);
     assert_eq!(
         rt.offer(h(ids[3]), Some(300), false),
         Offer::Replaced(h(ids[2]))
