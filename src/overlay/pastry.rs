@@ -15,8 +15,9 @@ const SECOND: Micros = 1_000_000;
 const DEAD_MEMORY: usize = 64;
 /// Most messages queued by `route` before the join completes.
 const MAX_PENDING_ROUTES: usize = 64;
-/// Candidate probes remembered, so one candidate is not probed repeatedly.
-const RECENT_PROBES: usize = 32;
+/// Second-hand nodes contacted lately (RTT probe or leaf-set check),
+/// remembered so one rumour does not trigger a message each time.
+const RECENT_PROBES: usize = 64;
 /// Most neighbourhood-set members.
 pub const MAX_NEIGHBOURS: usize = 64;
 
@@ -192,8 +193,8 @@ pub struct Pastry {
     maint_row: usize,
     /// Candidates for full slots met while joining, probed once joined.
     candidates: Vec<NodeHandle>,
-    /// Candidates probed lately: not probed again while remembered.
-    probed: VecDeque<NodeId>,
+    /// Second-hand nodes contacted lately: not contacted again meanwhile.
+    probed: VecDeque<(NodeId, Micros)>,
     pending: Vec<(NodeId, Payload)>,
     leaf_dirty: bool,
 }
@@ -858,21 +859,23 @@ impl Pastry {
             return false;
         }
         let joined = self.joined();
-        let entry = LeafEntry {
-            h,
-            rtt: rtt.unwrap_or(UNKNOWN_RTT),
-            last_heard: now,
-            probe_sent: if direct { NO_PROBE } else { now },
-            probes: if direct { 0 } else { 1 },
-        };
-        if self.leaf.insert(entry, direct) {
-            self.leaf_dirty = true;
-            if !direct && joined {
-                let stamp = self.stamp(now, h.id);
-                out.push(Action::Send {
-                    to: h,
-                    msg: Msg::Announce { stamp },
-                });
+        // Once joined, a node enters my leaf set only after it answered me
+        // itself: second-hand news of a dead (or made-up) node cannot
+        // displace a live member, and repair needs no timeout per rumour.
+        let verify = joined && !direct;
+        let mut contact = false;
+        if verify {
+            contact = !self.leaf.contains(h.id) && self.leaf.would_fit(h.id);
+        } else {
+            let entry = LeafEntry {
+                h,
+                rtt: rtt.unwrap_or(UNKNOWN_RTT),
+                last_heard: now,
+                probe_sent: if direct { NO_PROBE } else { now },
+                probes: if direct { 0 } else { 1 },
+            };
+            if self.leaf.insert(entry, direct) {
+                self.leaf_dirty = true;
             }
         }
         if let Some(r) = rtt {
@@ -891,7 +894,18 @@ impl Pastry {
         {
             wants = true;
         }
-        if !wants || self.probed.contains(&h.id) {
+        if contact {
+            if !self.contacted(now, h.id) {
+                self.remember_contact(now, h.id);
+                let stamp = self.stamp(now, h.id);
+                out.push(Action::Send {
+                    to: h,
+                    msg: Msg::Announce { stamp },
+                });
+            }
+            return false;
+        }
+        if !wants || self.contacted(now, h.id) {
             return false;
         }
         if direct {
@@ -928,15 +942,33 @@ impl Pastry {
             return;
         }
         self.tokens -= 1;
-        if self.probed.len() >= RECENT_PROBES {
-            self.probed.pop_front();
-        }
-        self.probed.push_back(h.id);
+        self.remember_contact(now, h.id);
         let stamp = self.stamp(now, h.id);
         out.push(Action::Send {
             to: h,
             msg: Msg::Probe { stamp },
         });
+    }
+
+    fn remember_contact(&mut self, now: Micros, id: NodeId) {
+        if self.probed.len() >= RECENT_PROBES {
+            self.probed.pop_front();
+        }
+        self.probed.push_back((id, now));
+    }
+
+    /// Contacted within the last probe timeout (the answer may be on its
+    /// way; after that, a new rumour deserves a new try).
+    fn contacted(&mut self, now: Micros, id: NodeId) -> bool {
+        let ttl = self.cfg.probe_timeout;
+        while self
+            .probed
+            .front()
+            .is_some_and(|(_, t)| now.saturating_sub(*t) >= ttl)
+        {
+            self.probed.pop_front();
+        }
+        self.probed.iter().any(|(x, _)| *x == id)
     }
 
     fn offer_neighbour(&mut self, h: NodeHandle, rtt: u32) {

@@ -246,6 +246,19 @@ impl LeafSet {
         (i < v.len() && v[i].h.id == id).then_some(i)
     }
 
+    /// Whether `id` would get a place on some side.
+    pub fn would_fit(&self, id: NodeId) -> bool {
+        if id == self.me {
+            return false;
+        }
+        [Side::Left, Side::Right].into_iter().any(|s| {
+            let v = self.side(s);
+            v.len() < self.half
+                || v.last()
+                    .is_some_and(|l| Self::dist(self.me, s, id) < Self::dist(self.me, s, l.h.id))
+        })
+    }
+
     pub fn contains(&self, id: NodeId) -> bool {
         self.find(Side::Left, id).is_some() || self.find(Side::Right, id).is_some()
     }

@@ -38,15 +38,13 @@ fn root_of(ids: &[NodeId], key: NodeId) -> NodeId {
     best
 }
 
-/// A Pastry instance that has learned `others` through a leaf-set reply.
+/// A joined Pastry instance that has heard from each of `others` directly.
 fn node_knowing(me: u128, others: &[u128]) -> Pastry {
     let mut p = Pastry::new(h(me), Config::default());
     p.bootstrap_alone();
-    let others: Vec<u128> = others.iter().copied().filter(|&o| o != me).collect();
-    for chunk in others.chunks(MAX_LEAF_SET) {
-        let list = LeafList::truncating(chunk.iter().map(|&i| h(i)));
-        let from = h(chunk[0]);
-        p.handle(0, from, Msg::LeafSetReply { leaf_set: list });
+    for &o in others {
+        let stamp = Stamp { sent: 0, tag: 0 };
+        p.handle(0, h(o), Msg::Probe { stamp });
     }
     p
 }
