@@ -895,7 +895,9 @@ impl Pastry {
             wants = true;
         }
         if contact {
-            if !self.contacted(now, h.id) {
+            // Short memory here: the rumour says it fits now, and an
+            // answer takes one round trip.
+            if !self.contacted(now, h.id, self.probe_step() / 2) {
                 self.remember_contact(now, h.id);
                 let stamp = self.stamp(now, h.id);
                 out.push(Action::Send {
@@ -905,7 +907,7 @@ impl Pastry {
             }
             return false;
         }
-        if !wants || self.contacted(now, h.id) {
+        if !wants || self.contacted(now, h.id, self.cfg.probe_timeout) {
             return false;
         }
         if direct {
@@ -957,18 +959,20 @@ impl Pastry {
         self.probed.push_back((id, now));
     }
 
-    /// Contacted within the last probe timeout (the answer may be on its
-    /// way; after that, a new rumour deserves a new try).
-    fn contacted(&mut self, now: Micros, id: NodeId) -> bool {
-        let ttl = self.cfg.probe_timeout;
+    /// Contacted within `ttl` (at most the probe timeout, which bounds the
+    /// memory): the answer may be on its way.
+    fn contacted(&mut self, now: Micros, id: NodeId, ttl: Micros) -> bool {
+        let keep = self.cfg.probe_timeout;
         while self
             .probed
             .front()
-            .is_some_and(|(_, t)| now.saturating_sub(*t) >= ttl)
+            .is_some_and(|(_, t)| now.saturating_sub(*t) >= keep)
         {
             self.probed.pop_front();
         }
-        self.probed.iter().any(|(x, _)| *x == id)
+        self.probed
+            .iter()
+            .any(|(x, t)| *x == id && now.saturating_sub(*t) < ttl)
     }
 
     fn offer_neighbour(&mut self, h: NodeHandle, rtt: u32) {

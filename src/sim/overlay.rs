@@ -101,6 +101,9 @@ pub struct OverlayReport {
     /// Share of nodes whose leaf set equals the true one.
     pub leaf_sets_exact_after_build: f64,
     pub leaf_sets_exact_after_repair: Option<f64>,
+    /// (virtual seconds since ticking started, share of exact leaf sets),
+    /// sampled every half second of the repair phase.
+    pub repair_curve: Vec<[f64; 2]>,
     pub mean_routing_entries: f64,
     pub messages: u64,
     pub messages_build: u64,
@@ -584,6 +587,7 @@ pub fn run_overlay(opts: &OverlaySimOpts) -> OverlayReport {
     let mut repair = None;
     let mut after_repair = None;
     let mut exact_repair = None;
+    let mut repair_curve = Vec::new();
     if opts.fail_fraction > 0.0 && n > 1 {
         let live = sim.live_sorted();
         let k = ((opts.fail_fraction.min(1.0) * n as f64).round() as usize).min(live.len() - 1);
@@ -609,10 +613,12 @@ pub fn run_overlay(opts: &OverlaySimOpts) -> OverlayReport {
         }
         let step = SEC / 2;
         let mut exact = sim.exact_leaf_sets();
+        repair_curve.push([0.0, exact]);
         while exact < 1.0 && sim.now - start < opts.repair_limit {
             let until = sim.now + step;
             sim.run(until);
             exact = sim.exact_leaf_sets();
+            repair_curve.push([(sim.now - start) as f64 / SEC as f64, exact]);
         }
         if exact >= 1.0 {
             repair = Some((sim.now - start) as f64 / SEC as f64);
@@ -646,6 +652,7 @@ pub fn run_overlay(opts: &OverlaySimOpts) -> OverlayReport {
         success_after_repair: after_repair.as_ref().map(|s| s.success),
         leaf_sets_exact_after_build: exact_build,
         leaf_sets_exact_after_repair: exact_repair,
+        repair_curve,
         mean_routing_entries,
         messages: sim.messages,
         messages_build,
