@@ -408,15 +408,13 @@ impl Pastry {
             } => {
                 self.forward_route(now, key, origin, hops.saturating_sub(1), payload, &mut out);
             }
+            // hops already counts my JoinRows.
             Msg::Join {
                 joiner,
                 hops,
                 min_row,
-            } => {
-                if joiner.id != self.me.id && self.joined() {
-                    // hops already counts my JoinRows.
-                    self.route_join(now, joiner, hops, min_row, &mut out);
-                }
+            } if joiner.id != self.me.id && self.joined() => {
+                self.route_join(now, joiner, hops, min_row, &mut out);
             }
             _ => {}
         }

@@ -211,7 +211,7 @@ struct Sim {
 
 impl Sim {
     fn new(opts: &OverlaySimOpts) -> Sim {
-        let mut rng = SplitMix(opts.seed ^ 0x5eed_0f_ca9f);
+        let mut rng = SplitMix(opts.seed ^ 0x005e_ed0f_ca9f);
         let zones = opts.zones.max(1);
         let pts: Vec<(f64, f64)> = (0..zones).map(|_| (rng.unit(), rng.unit())).collect();
         let mut zone_delay = vec![0; zones * zones];

@@ -133,7 +133,7 @@ impl<E> Queue<E> {
             }
             let b = &mut self.ring[self.cur];
             if !self.sorted {
-                b.keys.sort_unstable_by(|x, y| (y.0, y.1).cmp(&(x.0, x.1)));
+                b.keys.sort_unstable_by_key(|y| Reverse((y.0, y.1)));
                 self.sorted = true;
             }
             if let Some(&(t, _, i)) = b.keys.last() {
