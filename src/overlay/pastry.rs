@@ -182,7 +182,8 @@ pub struct Pastry {
     state: State,
     rt: RoutingTable,
     leaf: LeafSet,
-    /// Lowest-RTT nodes known, sorted by RTT.
+    /// Lowest-RTT nodes known, sorted by id (looked up far more often
+    /// than ranked).
     nbrs: Vec<Entry>,
     dead: VecDeque<(NodeId, Micros)>,
     rng: u64,
@@ -270,21 +271,24 @@ impl Pastry {
     }
 
     pub fn neighbours(&self) -> Vec<(NodeHandle, Micros)> {
-        self.nbrs.iter().map(|e| (e.h, e.rtt as Micros)).collect()
+        let mut v: Vec<(NodeHandle, Micros)> =
+            self.nbrs.iter().map(|e| (e.h, e.rtt as Micros)).collect();
+        v.sort_by_key(|x| x.1);
+        v
     }
 
     pub fn rtt(&self, id: NodeId) -> Option<Micros> {
         let known = |r: u32| (r != UNKNOWN_RTT).then_some(r as Micros);
-        self.leaf
+        self.rt
             .get(id)
             .and_then(|e| known(e.rtt))
-            .or_else(|| self.rt.get(id).and_then(|e| known(e.rtt)))
-            .or_else(|| {
-                self.nbrs
-                    .iter()
-                    .find(|e| e.h.id == id)
-                    .and_then(|e| known(e.rtt))
-            })
+            .or_else(|| self.nbr(id).and_then(|e| known(e.rtt)))
+            .or_else(|| self.leaf.get(id).and_then(|e| known(e.rtt)))
+    }
+
+    fn nbr(&self, id: NodeId) -> Option<&Entry> {
+        let i = self.nbrs.binary_search_by(|e| e.h.id.cmp(&id)).ok()?;
+        Some(&self.nbrs[i])
     }
 
     /// Next node toward the root of `key`; `None` when I am the root.
@@ -449,7 +453,13 @@ impl Pastry {
             State::Joined => {
                 self.keep_alive(now, &mut out);
                 if now >= self.next_maint {
-                    self.maintain(now, &mut out);
+                    if now - self.next_maint > self.cfg.maintenance_interval {
+                        // Not ticked for a long while: missed rounds are
+                        // not made up, the next one gets a fresh phase.
+                        self.next_maint = now + self.jitter(self.cfg.maintenance_interval);
+                    } else {
+                        self.maintain(now, &mut out);
+                    }
                 }
             }
             State::Idle | State::Left => {}
@@ -852,7 +862,9 @@ impl Pastry {
             return false;
         }
         if direct {
-            self.dead.retain(|(id, _)| *id != h.id);
+            if let Some(i) = self.dead.iter().position(|(id, _)| *id == h.id) {
+                self.dead.remove(i);
+            }
         } else if self.is_dead(now, h.id) {
             return false;
         }
@@ -863,7 +875,7 @@ impl Pastry {
         let verify = joined && !direct;
         let mut contact = false;
         if verify {
-            contact = !self.leaf.contains(h.id) && self.leaf.would_fit(h.id);
+            contact = self.leaf.would_fit(h.id) && !self.leaf.contains(h.id);
         } else {
             let entry = LeafEntry {
                 h,
@@ -888,7 +900,7 @@ impl Pastry {
         };
         if known.is_none()
             && self.nbrs.len() < self.cfg.neighbourhood_size
-            && !self.nbrs.iter().any(|e| e.h.id == h.id)
+            && self.nbr(h.id).is_none()
         {
             wants = true;
         }
@@ -914,7 +926,7 @@ impl Pastry {
         if joined {
             self.probe(now, h, out);
         } else if self.candidates.len() < self.cfg.candidate_probes as usize
-            && !self.candidates.contains(&h)
+            && !self.candidates.iter().any(|c| c.id == h.id)
         {
             self.candidates.push(h);
         }
@@ -974,13 +986,24 @@ impl Pastry {
     }
 
     fn offer_neighbour(&mut self, h: NodeHandle, rtt: u32) {
-        if let Some(i) = self.nbrs.iter().position(|e| e.h.id == h.id) {
-            self.nbrs.remove(i);
-        }
-        let i = self.nbrs.partition_point(|e| e.rtt <= rtt);
-        if i < self.cfg.neighbourhood_size {
-            self.nbrs.insert(i, Entry { h, rtt });
-            self.nbrs.truncate(self.cfg.neighbourhood_size);
+        match self.nbrs.binary_search_by(|e| e.h.id.cmp(&h.id)) {
+            Ok(i) => self.nbrs[i].rtt = rtt,
+            Err(i) if self.nbrs.len() < self.cfg.neighbourhood_size => {
+                self.nbrs.insert(i, Entry { h, rtt })
+            }
+            Err(_) => {
+                let mut w = 0;
+                for (j, e) in self.nbrs.iter().enumerate() {
+                    if e.rtt > self.nbrs[w].rtt {
+                        w = j;
+                    }
+                }
+                if rtt < self.nbrs[w].rtt {
+                    self.nbrs.remove(w);
+                    let i = self.nbrs.partition_point(|e| e.h.id < h.id);
+                    self.nbrs.insert(i, Entry { h, rtt });
+                }
+            }
         }
     }
 
@@ -1005,7 +1028,7 @@ impl Pastry {
             .get(id)
             .map(|e| e.h)
             .or_else(|| self.rt.get(id).map(|e| e.h))
-            .or_else(|| self.nbrs.iter().find(|e| e.h.id == id).map(|e| e.h));
+            .or_else(|| self.nbr(id).map(|e| e.h));
         let (left, right) = self.leaf.remove(id);
         let slot = self.rt.remove(id);
         self.nbrs.retain(|e| e.h.id != id);
