@@ -39,8 +39,10 @@ pub struct Config {
     /// failed; the probe is re-sent `probe_retries` times in between.
     pub probe_timeout: Micros,
     pub probe_retries: u8,
-    /// Period of routing-table row exchange and leaf-set gossip.
+    /// Period of routing-table row exchange.
     pub maintenance_interval: Micros,
+    /// Period of leaf-set exchange with the farthest member of a side.
+    pub leaf_gossip_interval: Micros,
     /// RTT probes to routing candidates allowed per `probe_interval`.
     pub candidate_probes: u32,
     /// Re-send the Join to the bootstrap after this long without a reply.
@@ -64,6 +66,7 @@ impl Default for Config {
             probe_timeout: 3 * SECOND,
             probe_retries: 2,
             maintenance_interval: 30 * SECOND,
+            leaf_gossip_interval: 5 * SECOND,
             candidate_probes: 32,
             join_timeout: 10 * SECOND,
             max_hops: 40,
@@ -103,6 +106,7 @@ impl Config {
             ("probe_interval", self.probe_interval),
             ("probe_timeout", self.probe_timeout),
             ("maintenance_interval", self.maintenance_interval),
+            ("leaf_gossip_interval", self.leaf_gossip_interval),
             ("join_timeout", self.join_timeout),
         ] {
             if v == 0 {
@@ -122,6 +126,7 @@ impl Config {
         self.probe_interval = self.probe_interval.max(1);
         self.probe_timeout = self.probe_timeout.max(1);
         self.maintenance_interval = self.maintenance_interval.max(1);
+        self.leaf_gossip_interval = self.leaf_gossip_interval.max(1);
         self.join_timeout = self.join_timeout.max(1);
         self.max_hops = self.max_hops.max(1);
         self
@@ -192,6 +197,8 @@ pub struct Pastry {
     tokens_at: Micros,
     next_maint: Micros,
     maint_row: usize,
+    next_gossip: Micros,
+    gossip_right: bool,
     /// Candidates for full slots met while joining, probed once joined.
     candidates: Vec<NodeHandle>,
     /// Second-hand nodes contacted lately: not contacted again meanwhile.
@@ -226,6 +233,8 @@ impl Pastry {
             tokens_at: 0,
             next_maint: 0,
             maint_row: 0,
+            next_gossip: 0,
+            gossip_right: false,
             candidates: Vec::new(),
             probed: VecDeque::new(),
             pending: Vec::new(),
@@ -452,13 +461,20 @@ impl Pastry {
             }
             State::Joined => {
                 self.keep_alive(now, &mut out);
+                // After a long pause without ticks, missed rounds are not
+                // made up: the next one gets a fresh phase.
                 if now >= self.next_maint {
                     if now - self.next_maint > self.cfg.maintenance_interval {
-                        // Not ticked for a long while: missed rounds are
-                        // not made up, the next one gets a fresh phase.
                         self.next_maint = now + self.jitter(self.cfg.maintenance_interval);
                     } else {
                         self.maintain(now, &mut out);
+                    }
+                }
+                if now >= self.next_gossip {
+                    if now - self.next_gossip > self.cfg.leaf_gossip_interval {
+                        self.next_gossip = now + self.jitter(self.cfg.leaf_gossip_interval);
+                    } else {
+                        self.gossip(now, &mut out);
                     }
                 }
             }
@@ -838,6 +854,7 @@ impl Pastry {
         }
         self.tokens_at = now;
         self.next_maint = now + self.jitter(self.cfg.maintenance_interval);
+        self.next_gossip = now + self.jitter(self.cfg.leaf_gossip_interval);
         for (key, payload) in std::mem::take(&mut self.pending) {
             self.forward_route(now, key, self.me, 0, payload, out);
         }
@@ -1151,8 +1168,7 @@ impl Pastry {
     }
 
     /// Periodic: exchange one routing-table row (proximity gets better and
-    /// holes get filled) and gossip leaf sets with one random member (heals
-    /// inconsistencies left by concurrent joins).
+    /// holes get filled).
     fn maintain(&mut self, now: Micros, out: &mut Vec<Action>) {
         self.next_maint = now + self.jitter(self.cfg.maintenance_interval);
         let rows = self.rt.rows();
@@ -1171,15 +1187,25 @@ impl Pastry {
                 }
             }
         }
-        let n = self.leaf.len();
-        if n > 0 {
-            let k = (splitmix(&mut self.rng) % n as u64) as usize;
-            if let Some(e) = self.leaf.members().nth(k) {
-                out.push(Action::Send {
-                    to: e.h,
-                    msg: Msg::LeafSetRequest,
-                });
-            }
+    }
+
+    /// Periodic: ask the farthest member of one side (alternating) for its
+    /// leaf set. It knows the nodes just beyond my range, so a live node
+    /// that stale replies kept out during a repair is found within two
+    /// rounds, and so are nodes missed by racing joins.
+    fn gossip(&mut self, now: Micros, out: &mut Vec<Action>) {
+        self.next_gossip = now + self.jitter(self.cfg.leaf_gossip_interval);
+        self.gossip_right = !self.gossip_right;
+        let side = if self.gossip_right {
+            Side::Right
+        } else {
+            Side::Left
+        };
+        if let Some(t) = self.leaf.farthest(side) {
+            out.push(Action::Send {
+                to: t,
+                msg: Msg::LeafSetRequest,
+            });
         }
     }
 

@@ -341,6 +341,7 @@ impl LeafSet {
         )
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.members().count()
     }
