@@ -18,6 +18,9 @@ const MAX_PENDING_ROUTES: usize = 64;
 /// Second-hand nodes contacted lately (RTT probe or leaf-set check),
 /// remembered so one rumour does not trigger a message each time.
 const RECENT_PROBES: usize = 64;
+/// Upper bound of `Config::candidate_probes` (it also bounds the list of
+/// candidates kept while joining).
+pub const MAX_CANDIDATE_PROBES: u32 = 1024;
 /// Most neighbourhood-set members.
 pub const MAX_NEIGHBOURS: usize = 64;
 
@@ -84,6 +87,8 @@ pub enum ConfigError {
     Neighbourhood(usize),
     #[error("overlay slot_entries must be within 1..={MAX_SLOT_ENTRIES}, got {0}")]
     SlotEntries(usize),
+    #[error("overlay candidate_probes must be at most {MAX_CANDIDATE_PROBES}, got {0}")]
+    CandidateProbes(u32),
     #[error("overlay {0} must be positive")]
     Zero(&'static str),
 }
@@ -113,6 +118,9 @@ impl Config {
                 return Err(ConfigError::Zero(name));
             }
         }
+        if self.candidate_probes > MAX_CANDIDATE_PROBES {
+            return Err(ConfigError::CandidateProbes(self.candidate_probes));
+        }
         if self.max_hops == 0 {
             return Err(ConfigError::Zero("max_hops"));
         }
@@ -127,6 +135,7 @@ impl Config {
         self.probe_timeout = self.probe_timeout.max(1);
         self.maintenance_interval = self.maintenance_interval.max(1);
         self.leaf_gossip_interval = self.leaf_gossip_interval.max(1);
+        self.candidate_probes = self.candidate_probes.min(MAX_CANDIDATE_PROBES);
         self.join_timeout = self.join_timeout.max(1);
         self.max_hops = self.max_hops.max(1);
         self
@@ -592,7 +601,8 @@ impl Pastry {
                 hops,
                 payload,
             } => {
-                if hops <= self.cfg.max_hops {
+                // A node that has not joined is nobody's root yet.
+                if joined && hops <= self.cfg.max_hops {
                     self.forward_route(now, key, origin, hops, payload, &mut out);
                 }
             }

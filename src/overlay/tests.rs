@@ -810,3 +810,78 @@ fn config_validation() {
     );
     assert_eq!(p.config().leaf_set_size, MAX_LEAF_SET);
 }
+
+#[test]
+fn leaf_set_admits_rumoured_nodes_only_after_they_answer() {
+    let me = 1u128 << 127;
+    let mut p = node_knowing(me, &[me + 1000, me - 1000, 5]);
+    let rumour = h(me + 10);
+    let acts = p.handle(
+        SEC,
+        h(me + 1000),
+        Msg::LeafSetReply {
+            leaf_set: LeafList::truncating([rumour]),
+        },
+    );
+    assert!(!p.leaf_set().contains(&rumour), "not before it answers");
+    let stamp = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                to,
+                msg: Msg::Announce { stamp },
+            } if *to == rumour => Some(*stamp),
+            _ => None,
+        })
+        .expect("the rumoured node is contacted");
+    // A forged answer (wrong tag) still proves the sender is alive (the
+    // transport authenticated it) but measures nothing.
+    let forged = Stamp {
+        sent: stamp.sent,
+        tag: stamp.tag ^ 1,
+    };
+    p.handle(
+        SEC + 30 * MS,
+        rumour,
+        Msg::ProbeAck {
+            echo: forged,
+            back: None,
+            leaf_set: None,
+        },
+    );
+    assert!(p.leaf_set().contains(&rumour));
+    assert_eq!(p.rtt(rumour.id), None);
+    p.handle(
+        SEC + 40 * MS,
+        rumour,
+        Msg::ProbeAck {
+            echo: stamp,
+            back: None,
+            leaf_set: None,
+        },
+    );
+    assert_eq!(p.rtt(rumour.id), Some(40 * MS));
+    // A rumour about a node I declared failed is ignored for a while.
+    let dead = h(me - 10);
+    p.handle(
+        2 * SEC,
+        dead,
+        Msg::Probe {
+            stamp: Stamp { sent: 0, tag: 0 },
+        },
+    );
+    assert!(p.leaf_set().contains(&dead));
+    let acts = p.send_failed(3 * SEC, dead, Msg::LeafSetRequest);
+    assert!(acts.contains(&Action::NodeFailed(dead)));
+    assert!(acts.contains(&Action::LeafSetChanged));
+    let acts = p.handle(
+        4 * SEC,
+        h(me + 1000),
+        Msg::LeafSetReply {
+            leaf_set: LeafList::truncating([dead]),
+        },
+    );
+    assert!(!acts
+        .iter()
+        .any(|a| matches!(a, Action::Send { to, .. } if *to == dead)));
+}
