@@ -21,8 +21,11 @@
 //! `fail_fraction` of the nodes fail at once and the lookups are repeated
 //! at once, with no repair beyond what `send_failed` triggers on the way;
 //! (4) every live node is ticked every `tick_interval` (keep-alive probes,
-//! repair, maintenance) until every leaf set equals the true one; (5) the
-//! lookups are repeated. A lookup succeeds when delivered at the live node
+//! repair, maintenance) until every leaf set equals the true one (the
+//! first ticks after the idle build probe every leaf-set member, and
+//! maintenance rounds missed meanwhile are not made up), then ticking
+//! stops; (5) the lookups are repeated. Phases without ticks run until no
+//! event is left. A lookup succeeds when delivered at the live node
 //! numerically closest to its key.
 
 use super::queue::Queue;
