@@ -263,6 +263,36 @@ proptest! {
         prop_assert_eq!(got, all);
     }
 
+    /// Inserting in any order keeps exactly the `half` nearest nodes on
+    /// each side, sorted; removals keep the sides sorted and searchable.
+    #[test]
+    fn leaf_set_keeps_nearest_per_side(me in any::<u128>(), ids in prop::collection::hash_set(any::<u128>(), 0..80), half in 1usize..14) {
+        let mut ls = LeafSet::new(NodeId(me), 2 * half);
+        let ids: Vec<u128> = ids.into_iter().filter(|&i| i != me).collect();
+        for &i in &ids {
+            ls.insert(leaf_entry(i), false);
+        }
+        let mut right: Vec<u128> = ids.clone();
+        right.sort_by_key(|&i| NodeId(me).cw(NodeId(i)));
+        right.truncate(half);
+        let mut left: Vec<u128> = ids.clone();
+        left.sort_by_key(|&i| NodeId(i).cw(NodeId(me)));
+        left.truncate(half);
+        let got = |ls: &LeafSet, s: Side| ls.side(s).iter().map(|e| e.h.id.0).collect::<Vec<_>>();
+        prop_assert_eq!(got(&ls, Side::Right), right.clone());
+        prop_assert_eq!(got(&ls, Side::Left), left.clone());
+        for &i in right.iter().step_by(2) {
+            ls.remove(NodeId(i));
+            prop_assert!(!ls.contains(NodeId(i)));
+        }
+        for s in [Side::Left, Side::Right] {
+            for e in ls.side(s) {
+                prop_assert!(ls.contains(e.h.id));
+                prop_assert_eq!(ls.get(e.h.id).map(|x| x.h.id), Some(e.h.id));
+            }
+        }
+    }
+
     /// With every node knowing every other, routes end at the true root.
     #[test]
     fn perfect_state_routes_to_true_root(ids in prop::collection::hash_set(any::<u128>(), 2..60), keys in prop::collection::vec(any::<u128>(), 1..40)) {
