@@ -18,8 +18,9 @@ const MAX_PENDING_ROUTES: usize = 64;
 /// Second-hand nodes contacted lately (RTT probe or leaf-set check),
 /// remembered so one rumour does not trigger a message each time.
 const RECENT_PROBES: usize = 64;
-/// Upper bound of `Config::candidate_probes` (it also bounds the list of
-/// candidates kept while joining).
+/// Routing candidates met while joining that are probed when it completes.
+const JOIN_CANDIDATES: usize = 32;
+/// Upper bound of `Config::candidate_probes`.
 pub const MAX_CANDIDATE_PROBES: u32 = 1024;
 /// Most neighbourhood-set members.
 pub const MAX_NEIGHBOURS: usize = 64;
@@ -46,7 +47,8 @@ pub struct Config {
     pub maintenance_interval: Micros,
     /// Period of leaf-set exchange with the farthest member of a side.
     pub leaf_gossip_interval: Micros,
-    /// RTT probes to routing candidates allowed per `probe_interval`.
+    /// RTT probes to routing candidates allowed per `probe_interval` once
+    /// joined (the join itself probes up to 32 at once).
     pub candidate_probes: u32,
     /// Re-send the Join to the bootstrap after this long without a reply.
     pub join_timeout: Micros,
@@ -70,7 +72,7 @@ impl Default for Config {
             probe_retries: 2,
             maintenance_interval: 30 * SECOND,
             leaf_gossip_interval: 5 * SECOND,
-            candidate_probes: 32,
+            candidate_probes: 4,
             join_timeout: 10 * SECOND,
             max_hops: 40,
             dead_ttl: 30 * SECOND,
@@ -625,11 +627,17 @@ impl Pastry {
                     }
                 }
             }
-            Msg::RowRequest { row } => {
+            Msg::RowRequest { row, col } => {
                 if joined {
                     self.learn_and_measure(now, from, &mut out);
-                    let entries =
-                        RowList::truncating(self.rt.row(row as usize).iter().map(|e| e.h));
+                    let r = row as usize;
+                    let entries = RowList::truncating(
+                        self.rt
+                            .row(r)
+                            .iter()
+                            .filter(|e| col.is_none_or(|c| e.h.id.digit(r) == c as usize))
+                            .map(|e| e.h),
+                    );
                     out.push(Action::Send {
                         to: from,
                         msg: Msg::RowReply { row, entries },
@@ -952,7 +960,7 @@ impl Pastry {
         }
         if joined {
             self.probe(now, h, out);
-        } else if self.candidates.len() < self.cfg.candidate_probes as usize
+        } else if self.candidates.len() < JOIN_CANDIDATES
             && !self.candidates.iter().any(|c| c.id == h.id)
         {
             self.candidates.push(h);
@@ -1114,8 +1122,9 @@ impl Pastry {
         }
     }
 
-    /// Ask another entry of row r (else of row r+1) for its row r: its
-    /// entries share r digits with me and may fill slot c.
+    /// Ask another entry of row r (else of row r+1) for its slot (r, c):
+    /// sharing at least r digits with me, its slot holds exactly what mine
+    /// needs.
     fn repair_slot(&mut self, r: usize, c: usize, out: &mut Vec<Action>) {
         let pick = |rt: &RoutingTable, row: usize, rng: &mut u64| -> Option<NodeHandle> {
             let v: Vec<&Entry> = rt
@@ -1134,7 +1143,10 @@ impl Pastry {
         if let Some(t) = target {
             out.push(Action::Send {
                 to: t,
-                msg: Msg::RowRequest { row: r as u8 },
+                msg: Msg::RowRequest {
+                    row: r as u8,
+                    col: Some(c as u8),
+                },
             });
         }
     }
@@ -1190,7 +1202,10 @@ impl Pastry {
                     let e = row[(splitmix(&mut self.rng) % row.len() as u64) as usize].h;
                     out.push(Action::Send {
                         to: e,
-                        msg: Msg::RowRequest { row: r as u8 },
+                        msg: Msg::RowRequest {
+                            row: r as u8,
+                            col: None,
+                        },
                     });
                     self.maint_row = r + 1;
                     break;
