@@ -1,7 +1,7 @@
 //! Runs the overlay simulator until `capy sim` is wired:
 //! `cargo run --release --example overlay_sim -- --nodes N --lookups M
 //! [--fail-fraction F] [--seed S] [--zones Z] [--concurrency C]
-//! [--leaf-set L] [--slot-entries K] [--json]`.
+//! [--leaf-set L] [--slot-entries K] [--candidate-probes P] [--json]`.
 
 use capy::sim::{print_overlay, OverlaySimOpts};
 
@@ -31,6 +31,9 @@ fn main() {
             "--concurrency" => o.join_concurrency = v.parse().unwrap_or_else(|e| bad(&e)),
             "--leaf-set" => o.overlay.leaf_set_size = v.parse().unwrap_or_else(|e| bad(&e)),
             "--slot-entries" => o.overlay.slot_entries = v.parse().unwrap_or_else(|e| bad(&e)),
+            "--candidate-probes" => {
+                o.overlay.candidate_probes = v.parse().unwrap_or_else(|e| bad(&e))
+            }
             _ => {
                 eprintln!("error: unknown option {a}");
                 std::process::exit(2);

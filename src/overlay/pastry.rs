@@ -72,7 +72,7 @@ impl Default for Config {
             probe_retries: 2,
             maintenance_interval: 30 * SECOND,
             leaf_gossip_interval: 5 * SECOND,
-            candidate_probes: 4,
+            candidate_probes: 8,
             join_timeout: 10 * SECOND,
             max_hops: 40,
             dead_ttl: 30 * SECOND,

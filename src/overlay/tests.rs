@@ -916,3 +916,47 @@ fn leaf_set_admits_rumoured_nodes_only_after_they_answer() {
         .iter()
         .any(|a| matches!(a, Action::Send { to, .. } if *to == dead)));
 }
+
+#[test]
+fn row_request_can_ask_for_one_slot() {
+    let me = 0u128;
+    let others: Vec<u128> = (1..16u128)
+        .flat_map(|d| [(d << 124) | 1, (d << 124) | 2])
+        .collect();
+    let mut p = node_knowing(me, &others);
+    assert_eq!(p.routing_fill(), vec![30]);
+    let reply = |acts: Vec<Action>| {
+        acts.into_iter()
+            .find_map(|a| match a {
+                Action::Send {
+                    msg: Msg::RowReply { entries, .. },
+                    ..
+                } => Some(entries.into_vec()),
+                _ => None,
+            })
+            .expect("a row reply")
+    };
+    let asker = h(0x0100 << 112);
+    let all = reply(p.handle(SEC, asker, Msg::RowRequest { row: 0, col: None }));
+    assert_eq!(all.len(), 30);
+    let slot = reply(p.handle(
+        SEC,
+        asker,
+        Msg::RowRequest {
+            row: 0,
+            col: Some(7),
+        },
+    ));
+    let mut ids: Vec<u128> = slot.iter().map(|x| x.id.0).collect();
+    ids.sort();
+    assert_eq!(ids, vec![(7 << 124) | 1, (7 << 124) | 2]);
+    let none = reply(p.handle(
+        SEC,
+        asker,
+        Msg::RowRequest {
+            row: 31,
+            col: Some(200),
+        },
+    ));
+    assert!(none.is_empty());
+}
