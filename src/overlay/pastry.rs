@@ -446,6 +446,9 @@ impl Pastry {
         out
     }
 
+    /// Timers: keep-alive probes and failure detection on the leaf set,
+    /// routing-row exchange, leaf-set gossip, join retries. Call at least
+    /// every `probe_interval / 4`.
     pub fn tick(&mut self, now: Micros) -> Vec<Action> {
         let mut out = Vec::new();
         match self.state {
@@ -495,6 +498,9 @@ impl Pastry {
         out
     }
 
+    /// A message from `from` (authenticated by the transport). Any message
+    /// counts as a sign of life; hostile content is bounded and ignored
+    /// where it does not fit, never a panic.
     pub fn handle(&mut self, now: Micros, from: NodeHandle, msg: Msg) -> Vec<Action> {
         let mut out = Vec::new();
         if from.id == self.me.id || self.state == State::Left {

@@ -960,3 +960,19 @@ fn row_request_can_ask_for_one_slot() {
     ));
     assert!(none.is_empty());
 }
+
+#[test]
+fn join_is_retried_after_a_timeout() {
+    let via = h(1 << 100);
+    let mut p = Pastry::new(h(5 << 100), Config::default());
+    let first = p.join(0, via);
+    assert!(
+        matches!(&first[..], [Action::Send { to, msg: Msg::Join { hops: 0, .. } }] if *to == via)
+    );
+    assert!(p.tick(SEC).is_empty());
+    let again = p.tick(Config::default().join_timeout);
+    assert_eq!(again, first);
+    assert!(!p.joined());
+    // Messages routed meanwhile wait for the join.
+    assert!(p.route(SEC, NodeId(9), vec![1]).unwrap().is_empty());
+}
