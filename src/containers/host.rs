@@ -988,19 +988,9 @@ impl FunctionHost {
             Some(Err(e)) => {
                 w.conn = None;
                 let id = w.id.clone();
-                let reason = match conn::within(Duration::from_secs(5), engine.inspect(&id)).await {
-                    Some(Ok(info)) if info.state.is_down() => {
-                        let oom = if info.oom_killed {
-                            ", out of memory"
-                        } else {
-                            ""
-                        };
-                        format!(
-                            "the container exited (code {}{oom})",
-                            info.exit_code.map_or("?".to_string(), |c| c.to_string())
-                        )
-                    }
-                    _ => format!("the connection to the container failed: {e}"),
+                let reason = match exit_status(engine, &id).await {
+                    Some(status) => format!("the container exited ({status})"),
+                    None => format!("the connection to the container failed: {e}"),
                 };
                 return Err((RunFail::Crashed(reason), false));
             }
@@ -1422,6 +1412,29 @@ impl RunFail {
             RunFail::Failed(message) => FnError::Failed { function, message },
         }
     }
+}
+
+/// How a container ended, if it did within a second: a closed connection
+/// is seen before podman has reaped the process.
+async fn exit_status(engine: &Arc<dyn Engine>, id: &str) -> Option<String> {
+    for _ in 0..10 {
+        match conn::within(Duration::from_secs(2), engine.inspect(id)).await {
+            Some(Ok(info)) if info.state.is_down() => {
+                let oom = if info.oom_killed {
+                    ", out of memory"
+                } else {
+                    ""
+                };
+                return Some(format!(
+                    "code {}{oom}",
+                    info.exit_code.map_or("?".to_string(), |c| c.to_string())
+                ));
+            }
+            Some(Ok(_)) => smol::Timer::after(Duration::from_millis(100)).await,
+            _ => return None,
+        };
+    }
+    None
 }
 
 enum InitErr {
