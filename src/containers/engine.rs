@@ -95,6 +95,8 @@ pub struct ContainerInfo {
     pub state: ContainerState,
     pub exit_code: Option<i64>,
     pub oom_killed: bool,
+    /// Memory limit in bytes, when known and set.
+    pub memory_bytes: Option<u64>,
     /// Host port the container's port is published on (127.0.0.1).
     pub host_port: Option<u16>,
     /// The container's own address on the engine's network, if it has one.
@@ -134,6 +136,10 @@ pub trait Engine: Send + Sync + 'static {
         image: &'a str,
         reference: &'a str,
     ) -> BoxFut<'a, Result<(), EngineError>>;
+    /// Takes the name `reference` off its image; the image itself stays
+    /// (unlike `remove_image`, this never deletes an image another name
+    /// is being put on at the same moment).
+    fn untag_image<'a>(&'a self, reference: &'a str) -> BoxFut<'a, Result<(), EngineError>>;
     /// Removes the name `reference`; the image goes with its last name,
     /// unless a container still uses it.
     fn remove_image<'a>(&'a self, reference: &'a str) -> BoxFut<'a, Result<(), EngineError>>;

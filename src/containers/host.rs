@@ -824,7 +824,13 @@ impl FunctionHost {
         loop {
             let now = Instant::now();
             if now >= deadline {
+                // One last look: if it exited meanwhile, say that instead.
                 let logs = self.tail_logs(engine, id).await;
+                if let Some(status) = exit_status(engine, id, 1).await {
+                    return Err(format!(
+                        "the container exited ({status}) before answering /init{logs}"
+                    ));
+                }
                 return Err(format!(
                     "the container did not answer /init on port {} within {:?}{logs}",
                     self.cfg.port, self.cfg.start_timeout
@@ -834,20 +840,15 @@ impl FunctionHost {
                 || last_inspect.is_none_or(|t| t.elapsed() >= Duration::from_millis(100))
             {
                 last_inspect = Some(Instant::now());
-                let info = conn::within(deadline - now, engine.inspect(id))
-                    .await
-                    .ok_or_else(|| "podman did not answer inspect in time".to_string())?
-                    .map_err(|e| e.to_string())?;
+                let Some(info) = conn::within(deadline - now, engine.inspect(id)).await else {
+                    continue; // the deadline passed: said at the loop's top
+                };
+                let info = info.map_err(|e| e.to_string())?;
                 if info.state.is_down() {
                     let logs = self.tail_logs(engine, id).await;
-                    let oom = if info.oom_killed {
-                        " (out of memory)"
-                    } else {
-                        ""
-                    };
                     return Err(format!(
-                        "the container exited with code {}{oom} before answering /init{logs}",
-                        info.exit_code.map_or("?".to_string(), |c| c.to_string())
+                        "the container exited ({}) before answering /init{logs}",
+                        describe_exit(&info)
                     ));
                 }
                 port = port.or(info.host_port);
@@ -921,22 +922,32 @@ impl FunctionHost {
                 )));
             }
         }
-        let names = match engine.load_image(src).await {
-            Ok(n) => n,
-            Err(EngineError::BadImage(m)) => return Err(invalid(m)),
-            Err(e) => return Err(engine_err(e)),
-        };
-        let first = names.first().cloned().unwrap_or_default();
-        if !names.contains(&spec.image) {
-            engine
-                .tag_image(&first, &spec.image)
-                .await
-                .map_err(engine_err)?;
-            // The archive's own names mean nothing to capy; drop them so
-            // the image goes when its capy name does.
-            for n in names.iter().filter(|n| is_plain_name(n)) {
-                let _ = engine.remove_image(n).await;
+        // Another node sharing this podman may move or drop the archive's
+        // own name between our load and our tag: then load again.
+        for attempt in 1..=3 {
+            let names = match engine.load_image(src.clone()).await {
+                Ok(n) => n,
+                Err(EngineError::BadImage(m)) => return Err(invalid(m)),
+                Err(e) => return Err(engine_err(e)),
+            };
+            if names.contains(&spec.image) {
+                break;
             }
+            let first = names.first().cloned().unwrap_or_default();
+            match engine.tag_image(&first, &spec.image).await {
+                Ok(()) => {}
+                Err(EngineError::NotFound(_)) if attempt < 3 => continue,
+                Err(e) => return Err(engine_err(e)),
+            }
+            // The archive's own names mean nothing to capy; take them off so
+            // the image goes when its capy name does.
+            for n in names
+                .iter()
+                .filter(|n| is_plain_name(n) && **n != spec.image)
+            {
+                let _ = engine.untag_image(n).await;
+            }
+            break;
         }
         Ok(Some(t.elapsed()))
     }
@@ -988,7 +999,7 @@ impl FunctionHost {
             Some(Err(e)) => {
                 w.conn = None;
                 let id = w.id.clone();
-                let reason = match exit_status(engine, &id).await {
+                let reason = match exit_status(engine, &id, 10).await {
                     Some(status) => format!("the container exited ({status})"),
                     None => format!("the connection to the container failed: {e}"),
                 };
@@ -1414,22 +1425,22 @@ impl RunFail {
     }
 }
 
-/// How a container ended, if it did within a second: a closed connection
-/// is seen before podman has reaped the process.
-async fn exit_status(engine: &Arc<dyn Engine>, id: &str) -> Option<String> {
-    for _ in 0..10 {
+fn describe_exit(info: &ContainerInfo) -> String {
+    let oom = if info.oom_killed {
+        ", out of memory"
+    } else {
+        ""
+    };
+    let code = info.exit_code.map_or("?".to_string(), |c| c.to_string());
+    format!("code {code}{oom}")
+}
+
+/// How a container ended, if it did within `tries` looks 100 ms apart: a
+/// closed connection is seen before podman has reaped the process.
+async fn exit_status(engine: &Arc<dyn Engine>, id: &str, tries: usize) -> Option<String> {
+    for _ in 0..tries {
         match conn::within(Duration::from_secs(2), engine.inspect(id)).await {
-            Some(Ok(info)) if info.state.is_down() => {
-                let oom = if info.oom_killed {
-                    ", out of memory"
-                } else {
-                    ""
-                };
-                return Some(format!(
-                    "code {}{oom}",
-                    info.exit_code.map_or("?".to_string(), |c| c.to_string())
-                ));
-            }
+            Some(Ok(info)) if info.state.is_down() => return Some(describe_exit(&info)),
             Some(Ok(_)) => smol::Timer::after(Duration::from_millis(100)).await,
             _ => return None,
         };

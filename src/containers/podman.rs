@@ -310,6 +310,26 @@ impl Engine for Podman {
         })
     }
 
+    fn untag_image<'a>(&'a self, reference: &'a str) -> BoxFut<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            check_ref(reference)?;
+            let (repo, tag) = split_ref(reference);
+            self.expect(
+                Method::POST,
+                &format!(
+                    "/images/{reference}/untag?repo={}&tag={}",
+                    crate::http::percent_encode(repo),
+                    crate::http::percent_encode(tag)
+                ),
+                conn::empty(),
+                None,
+                &[],
+            )
+            .await
+            .map(|_| ())
+        })
+    }
+
     fn remove_image<'a>(&'a self, reference: &'a str) -> BoxFut<'a, Result<(), EngineError>> {
         Box::pin(async move {
             check_ref(reference)?;
@@ -521,6 +541,11 @@ fn parse_inspect(v: &Value) -> Option<ContainerInfo> {
             .and_then(|s| s.get("OOMKilled"))
             .and_then(Value::as_bool)
             .unwrap_or(false),
+        memory_bytes: v
+            .get("HostConfig")
+            .and_then(|h| h.get("Memory"))
+            .and_then(Value::as_u64)
+            .filter(|m| *m > 0),
         host_port,
         ip,
         labels: labels_of(v.get("Config").and_then(|c| c.get("Labels"))),
@@ -548,6 +573,7 @@ fn parse_list_entry(v: &Value) -> Option<ContainerInfo> {
         state: ContainerState::parse(v.get("State").and_then(Value::as_str).unwrap_or("")),
         exit_code: v.get("ExitCode").and_then(Value::as_i64),
         oom_killed: false,
+        memory_bytes: None,
         host_port,
         ip: None,
         labels: labels_of(v.get("Labels")),
@@ -611,12 +637,14 @@ mod tests {
             "State": {"Status": "exited", "ExitCode": 3, "OOMKilled": true},
             "NetworkSettings": {"IPAddress": "10.88.0.2",
                 "Ports": {"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "40931"}]}},
-            "Config": {"Labels": {"capy.node": "x"}}
+            "Config": {"Labels": {"capy.node": "x"}},
+            "HostConfig": {"Memory": 33554432}
         });
         let i = parse_inspect(&v).unwrap();
         assert_eq!(i.state, ContainerState::Exited);
         assert_eq!(i.exit_code, Some(3));
         assert!(i.oom_killed);
+        assert_eq!(i.memory_bytes, Some(32 << 20));
         assert_eq!(i.host_port, Some(40931));
         assert_eq!(i.ip, Some("10.88.0.2".parse().unwrap()));
         assert_eq!(i.labels.get("capy.node").map(String::as_str), Some("x"));
