@@ -10,8 +10,9 @@
 //! Functions speak the OpenWhisk action runtime interface: the container
 //! listens on port 8080; capy sends `POST /init` once (`{"value": {"name",
 //! "main", "code", "binary", "env"}}`, any 2xx means ready) and then one
-//! `POST /run` per invocation (`{"value": INPUT}`); a 2xx JSON reply is the
-//! output, a non-2xx reply `{"error": MSG}` is the function's own error.
+//! `POST /run` per invocation (`{"value": INPUT, "action_name", "namespace",
+//! "activation_id", "deadline"}`); a 2xx JSON reply is the output, a non-2xx
+//! reply `{"error": MSG}` is the function's own error.
 //! So existing OpenWhisk runtimes (and `tests/fn-runtime`) work unchanged.
 //!
 //! Podman is reached over its REST API (libpod v4) on a unix socket, default
