@@ -754,7 +754,11 @@ impl FunctionHost {
         Fut: std::future::Future<Output = Result<ImageSource, FnError>>,
     {
         let function = spec.id();
-        let load = self.ensure_image(engine, spec, load_image).await?;
+        let mut loader = Some(load_image);
+        let mut loaded: Option<ImageSource> = None;
+        let mut load = self
+            .ensure_image(engine, spec, &mut loader, &mut loaded)
+            .await?;
         let t = Instant::now();
         let deadline = t + self.cfg.start_timeout;
         let mut env = spec.env.clone();
@@ -781,7 +785,18 @@ impl FunctionHost {
             function: function.clone(),
             reason,
         };
-        let id = match conn::within(self.cfg.start_timeout, engine.run(&cspec)).await {
+        let mut run = conn::within(self.cfg.start_timeout, engine.run(&cspec)).await;
+        if matches!(&run, Some(Err(e)) if image_missing(e)) {
+            // Another node sharing this podman re-loaded or dropped the
+            // image between our check and our create: make sure once more.
+            let again = self
+                .ensure_image(engine, spec, &mut loader, &mut loaded)
+                .await?;
+            load = load.or(again);
+            run = conn::within(deadline - Instant::now(), engine.run(&cspec)).await;
+        }
+        drop(loaded);
+        let id = match run {
             Some(Ok(id)) => id,
             Some(Err(e)) => return Err(start_failed(e.to_string())),
             None => {
@@ -894,11 +909,14 @@ impl FunctionHost {
 
     /// Makes sure podman has `spec.image`, loading the archive from
     /// `load_image` if not. Answers how long a load took, if one was needed.
+    /// `load_image` is called at most once over the retries of one cold
+    /// start; what it gave is kept in `loaded` for a second load.
     async fn ensure_image<F, Fut>(
         &self,
         engine: &Arc<dyn Engine>,
         spec: &FnSpec,
-        load_image: F,
+        load_image: &mut Option<F>,
+        loaded: &mut Option<ImageSource>,
     ) -> Result<Option<Duration>, FnError>
     where
         F: FnOnce() -> Fut,
@@ -918,23 +936,34 @@ impl FunctionHost {
             return Ok(None);
         }
         let t = Instant::now();
-        let src = load_image().await?;
-        let (head, len) = archive_head(&src).await.map_err(&invalid)?;
-        if len > self.cfg.max_image_bytes {
-            return Err(invalid(format!(
-                "{len} bytes is more than the {} bytes a node loads",
-                self.cfg.max_image_bytes
-            )));
-        }
-        check_archive_magic(&head).map_err(&invalid)?;
-        if let Some(want) = spec.expected_digest() {
-            let got = archive_digest(&src).await.map_err(&invalid)?;
-            if got != want {
-                return Err(invalid(format!(
-                    "its SHA-256 is {got}, not the {want} it was deployed with (corrupt or wrong archive)"
-                )));
+        let src = match loaded.take() {
+            Some(src) => src,
+            None => {
+                let f = load_image.take().ok_or_else(|| FnError::ImageUnavailable {
+                    function: function.clone(),
+                    reason: "the image vanished from podman twice during one start".into(),
+                })?;
+                let src = f().await?;
+                let (head, len) = archive_head(&src).await.map_err(&invalid)?;
+                if len > self.cfg.max_image_bytes {
+                    return Err(invalid(format!(
+                        "{len} bytes is more than the {} bytes a node loads",
+                        self.cfg.max_image_bytes
+                    )));
+                }
+                check_archive_magic(&head).map_err(&invalid)?;
+                if let Some(want) = spec.expected_digest() {
+                    let got = archive_digest(&src).await.map_err(&invalid)?;
+                    if got != want {
+                        return Err(invalid(format!(
+                            "its SHA-256 is {got}, not the {want} it was deployed with (corrupt or wrong archive)"
+                        )));
+                    }
+                }
+                src
             }
-        }
+        };
+        *loaded = Some(src.clone());
         // Another node sharing this podman may move or drop the archive's
         // own name between our load and our tag: then load again.
         for attempt in 1..=3 {
@@ -1435,6 +1464,16 @@ impl RunFail {
             RunFail::BadOutput(reason) => FnError::BadOutput { function, reason },
             RunFail::Failed(message) => FnError::Failed { function, message },
         }
+    }
+}
+
+/// Podman's answer to a create whose image it does not have.
+fn image_missing(e: &EngineError) -> bool {
+    match e {
+        EngineError::NotFound(m) | EngineError::Api { message: m, .. } => {
+            m.contains("image not known")
+        }
+        _ => false,
     }
 }
 

@@ -229,7 +229,26 @@ impl Podman {
             )
             .await
         {
-            Ok(_) | Err(EngineError::NotFound(_)) => Ok(()),
+            // Podman answers 200 with per-container reports; a failure is
+            // an `Err` inside one of them.
+            Ok(b) => match serde_json::from_slice::<Value>(&b) {
+                Ok(v) => match v.as_array().and_then(|a| {
+                    a.iter().find_map(|r| {
+                        r.get("Err")
+                            .and_then(Value::as_str)
+                            .filter(|e| !e.is_empty())
+                    })
+                }) {
+                    Some(err) if err.contains("no such container") => Ok(()),
+                    Some(err) => Err(EngineError::Api {
+                        status: 200,
+                        message: format!("removing container {id}: {err}"),
+                    }),
+                    None => Ok(()),
+                },
+                Err(_) => Ok(()),
+            },
+            Err(EngineError::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
     }
