@@ -76,7 +76,8 @@ pub struct BenchReport {
 /// Runs the measurement on `engine` with the function image `archive` (the
 /// test image of `scripts/build-fn-image`, or any OpenWhisk-style image
 /// that echoes its input). It removes and reloads that image, so run it
-/// where no other container uses the same archive.
+/// where no container uses it; the load figure is a full load only if no
+/// other name points to the same image (else podman keeps its layers).
 pub async fn bench(
     engine: Arc<dyn Engine>,
     archive: ImageSource,
@@ -108,6 +109,35 @@ pub async fn bench(
             ..HostConfig::default()
         },
     );
+    let r = measure(&host, &engine, &spec, &archive, &cfg).await;
+    // Leave nothing running, whatever happened.
+    host.undeploy(&spec.app, &spec.name).await;
+    let (local, with_load, via_host, raw) = r?;
+    let warm_host_us = Percentiles::of(via_host);
+    let warm_direct_us = Percentiles::of(raw);
+    Ok(BenchReport {
+        podman: version,
+        image,
+        cold_start_local_ms: Percentiles::of(local),
+        cold_start_with_load_ms: Percentiles::of(with_load),
+        warm_overhead_p50_us: warm_host_us.p50 - warm_direct_us.p50,
+        warm_overhead_p99_us: warm_host_us.p99 - warm_direct_us.p99,
+        warm_host_us,
+        warm_direct_us,
+    })
+}
+
+type Samples = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// Cold (local), cold (with load), warm via host, warm direct.
+async fn measure(
+    host: &FunctionHost,
+    engine: &Arc<dyn Engine>,
+    spec: &FnSpec,
+    archive: &ImageSource,
+    cfg: &BenchConfig,
+) -> Result<Samples, FnError> {
+    let image = &spec.image;
     let load = || {
         let a = archive.clone();
         async move { Ok::<_, FnError>(a) }
@@ -117,9 +147,9 @@ pub async fn bench(
     let mut with_load = Vec::new();
     for i in 0..cfg.cold_runs {
         host.undeploy(&spec.app, &spec.name).await;
-        let _ = engine.remove_image(&image).await;
+        let _ = engine.remove_image(image).await;
         let t = Instant::now();
-        let inv = host.invoke(&spec, input(i), load).await?;
+        let inv = host.invoke(spec, input(i), load).await?;
         with_load.push(t.elapsed().as_secs_f64() * 1e3);
         if inv.timings.image_load_us.is_none() || !inv.cold {
             return Err(FnError::Busy {
@@ -132,13 +162,19 @@ pub async fn bench(
     for i in 0..cfg.cold_runs {
         host.undeploy(&spec.app, &spec.name).await;
         let t = Instant::now();
-        let inv = host.invoke(&spec, input(i), load).await?;
+        let inv = host.invoke(spec, input(i), load).await?;
         local.push(t.elapsed().as_secs_f64() * 1e3);
-        debug_assert!(inv.cold && inv.timings.image_load_us.is_none());
+        if !inv.cold || inv.timings.image_load_us.is_some() {
+            return Err(FnError::Busy {
+                function: spec.id(),
+                reason: "a local cold-start measurement did not start cold from a present image"
+                    .into(),
+            });
+        }
     }
 
     // Warm: one idle container; the direct client talks to the same one.
-    host.invoke(&spec, input(0), load).await?;
+    host.invoke(spec, input(0), load).await?;
     let port = host
         .status()
         .iter()
@@ -163,7 +199,7 @@ pub async fn bench(
     let mut raw = Vec::with_capacity(cfg.warm_calls);
     for i in 0..cfg.warm_calls {
         let t = Instant::now();
-        let inv = host.invoke(&spec, input(i), load).await?;
+        let inv = host.invoke(spec, input(i), load).await?;
         via_host.push(t.elapsed().as_secs_f64() * 1e6);
         if inv.cold {
             return Err(direct_err("a warm call started a container".into()));
@@ -186,19 +222,7 @@ pub async fn bench(
             return Err(direct_err(format!("HTTP {status}")));
         }
     }
-    host.undeploy(&spec.app, &spec.name).await;
-    let warm_host_us = Percentiles::of(via_host);
-    let warm_direct_us = Percentiles::of(raw);
-    Ok(BenchReport {
-        podman: version,
-        image,
-        cold_start_local_ms: Percentiles::of(local),
-        cold_start_with_load_ms: Percentiles::of(with_load),
-        warm_overhead_p50_us: warm_host_us.p50 - warm_direct_us.p50,
-        warm_overhead_p99_us: warm_host_us.p99 - warm_direct_us.p99,
-        warm_host_us,
-        warm_direct_us,
-    })
+    Ok((local, with_load, via_host, raw))
 }
 
 #[cfg(test)]
