@@ -527,11 +527,12 @@ impl FunctionHost {
             queued_us,
             ..Timings::default()
         };
+        let mut load_image = Some(load_image);
         let (mut lease, cold) = match self.take_idle(spec, permit) {
             Ok(lease) => (lease, false),
             Err(permit) => {
                 let (lease, load, start) = self
-                    .start_container(engine, spec, permit, load_image)
+                    .start_container(engine, spec, permit, &mut load_image)
                     .await
                     .map_err(|e| (e, Some(true)))?;
                 timings.image_load_us = load.map(|d| d.as_micros() as u64);
@@ -540,7 +541,28 @@ impl FunctionHost {
             }
         };
         let t_run = Instant::now();
-        let outcome = self.run(engine, &mut lease, &body, spec.timeout).await;
+        let mut outcome = self.run(engine, &mut lease, &body, spec.timeout).await;
+        let mut cold = cold;
+        if let (false, Err((RunFail::Unreachable(why), _))) = (cold, &outcome) {
+            // A warm container that died while idle (killed, out of memory,
+            // podman restarted): nothing was sent, so start a fresh one.
+            tracing::info!("{function}: idle container gone ({why}); starting another");
+            let permit = lease._permit.take();
+            drop(lease);
+            let permit = match permit {
+                Some(p) => p,
+                None => self.acquire(spec).await.map_err(|e| (e, Some(false)))?,
+            };
+            let (fresh, load, start) = self
+                .start_container(engine, spec, permit, &mut load_image)
+                .await
+                .map_err(|e| (e, Some(true)))?;
+            timings.image_load_us = load.map(|d| d.as_micros() as u64);
+            timings.start_us = Some(start.as_micros() as u64);
+            lease = fresh;
+            cold = true;
+            outcome = self.run(engine, &mut lease, &body, spec.timeout).await;
+        }
         timings.run_us = t_run.elapsed().as_micros() as u64;
         match outcome {
             Ok(output) => {
@@ -660,7 +682,7 @@ impl FunctionHost {
         engine: &Arc<dyn Engine>,
         spec: &FnSpec,
         permit: SemaphoreGuardArc,
-        load_image: F,
+        load_image: &mut Option<F>,
     ) -> Result<(Lease<'a>, Option<Duration>, Duration), FnError>
     where
         F: FnOnce() -> Fut,
@@ -747,18 +769,15 @@ impl FunctionHost {
         engine: &Arc<dyn Engine>,
         spec: &FnSpec,
         name: &str,
-        load_image: F,
+        loader: &mut Option<F>,
     ) -> Result<(Warm, Option<Duration>, Duration), FnError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<ImageSource, FnError>>,
     {
         let function = spec.id();
-        let mut loader = Some(load_image);
         let mut loaded: Option<ImageSource> = None;
-        let mut load = self
-            .ensure_image(engine, spec, &mut loader, &mut loaded)
-            .await?;
+        let mut load = self.ensure_image(engine, spec, loader, &mut loaded).await?;
         let t = Instant::now();
         let deadline = t + self.cfg.start_timeout;
         let mut env = spec.env.clone();
@@ -789,9 +808,7 @@ impl FunctionHost {
         if matches!(&run, Some(Err(e)) if image_missing(e)) {
             // Another node sharing this podman re-loaded or dropped the
             // image between our check and our create: make sure once more.
-            let again = self
-                .ensure_image(engine, spec, &mut loader, &mut loaded)
-                .await?;
+            let again = self.ensure_image(engine, spec, loader, &mut loaded).await?;
             load = load.or(again);
             run = conn::within(deadline - Instant::now(), engine.run(&cspec)).await;
         }
@@ -941,7 +958,7 @@ impl FunctionHost {
             None => {
                 let f = load_image.take().ok_or_else(|| FnError::ImageUnavailable {
                     function: function.clone(),
-                    reason: "the image vanished from podman twice during one start".into(),
+                    reason: "the image vanished from podman during the invocation".into(),
                 })?;
                 let src = f().await?;
                 let (head, len) = archive_head(&src).await.map_err(&invalid)?;
@@ -1008,13 +1025,18 @@ impl FunctionHost {
         w.invocations += 1;
         let limit = self.cfg.max_output;
         let addr = w.addr;
+        let mut unreachable = false;
         let attempt = async {
             if !w.conn.as_ref().is_some_and(Conn::is_open) {
+                // Nothing is sent before this succeeds, so a failure here
+                // can be retried on another container.
+                unreachable = true;
                 let s = TcpStream::connect(addr)
                     .await
                     .map_err(|e| ConnError::Request(format!("connecting to {addr}: {e}")))?;
                 let _ = s.set_nodelay(true);
                 w.conn = Some(Conn::handshake(s, &addr.to_string()).await?);
+                unreachable = false;
             }
             match w.conn.as_mut() {
                 Some(c) => {
@@ -1045,6 +1067,9 @@ impl FunctionHost {
                     Some(status) => format!("the container exited ({status})"),
                     None => format!("the connection to the container failed: {e}"),
                 };
+                if unreachable {
+                    return Err((RunFail::Unreachable(reason), false));
+                }
                 return Err((RunFail::Crashed(reason), false));
             }
         };
@@ -1149,7 +1174,7 @@ impl FunctionHost {
             }
         };
         let (lease, _, _) = self
-            .start_container(&engine, spec, permit, load_image)
+            .start_container(&engine, spec, permit, &mut Some(load_image))
             .await?;
         self.lock().app(&spec.app).prewarms += 1;
         self.give_back(lease);
@@ -1441,6 +1466,8 @@ impl Drop for StartGuard<'_> {
 
 enum RunFail {
     Timeout,
+    /// The container could not be reached; nothing was sent.
+    Unreachable(String),
     TooLarge(usize),
     Crashed(String),
     BadOutput(String),
@@ -1460,7 +1487,9 @@ impl RunFail {
                 what: "output",
                 limit,
             },
-            RunFail::Crashed(reason) => FnError::Crashed { function, reason },
+            RunFail::Crashed(reason) | RunFail::Unreachable(reason) => {
+                FnError::Crashed { function, reason }
+            }
             RunFail::BadOutput(reason) => FnError::BadOutput { function, reason },
             RunFail::Failed(message) => FnError::Failed { function, message },
         }

@@ -688,3 +688,31 @@ fn bench_figures() {
         let _ = engine().remove_image(&r.image).await;
     })
 }
+
+#[test]
+fn an_idle_container_that_died_is_replaced_without_an_error() {
+    smol::block_on(async {
+        let _images = IMAGES.read().await;
+        let a = archive(11);
+        let h = host("diedidle", |_| {});
+        let s = spec("d", "gone", &a);
+        let calls = Arc::new(AtomicUsize::new(0));
+        h.invoke(&s, json!(0), loader(&a, &calls)).await.unwrap();
+        let l = listed(&h).await;
+        assert_eq!(l.len(), 1);
+        // Killed behind the host's back while idle.
+        engine().remove(&l[0].id).await.unwrap();
+        let inv = h
+            .invoke(&s, json!("again"), loader(&a, &calls))
+            .await
+            .unwrap();
+        assert!(inv.cold, "a fresh container served it");
+        assert_eq!(inv.output, json!("again"));
+        let now = listed(&h).await;
+        assert_eq!(now.len(), 1);
+        assert_ne!(now[0].id, l[0].id);
+        let st = h.stats()["d"].clone();
+        assert_eq!((st.invocations, st.errors, st.cold_starts), (2, 0, 2));
+        assert_eq!(h.undeploy("d", "gone").await, 1);
+    })
+}
