@@ -547,7 +547,7 @@ impl FunctionHost {
             // A warm container that died while idle (killed, out of memory,
             // podman restarted): nothing was sent, so start a fresh one.
             tracing::info!("{function}: idle container gone ({why}); starting another");
-            let permit = lease._permit.take();
+            let permit = lease.permit.take();
             drop(lease);
             let permit = match permit {
                 Some(p) => p,
@@ -671,7 +671,7 @@ impl FunctionHost {
             key,
             app: spec.app.clone(),
             warm: Some(w),
-            _permit: Some(permit),
+            permit: Some(permit),
         })
     }
 
@@ -698,7 +698,7 @@ impl FunctionHost {
                 key: spec.id(),
                 app: spec.app.clone(),
                 warm: Some(warm),
-                _permit: Some(permit),
+                permit: Some(permit),
             },
             load,
             start,
@@ -1408,7 +1408,7 @@ struct Lease<'a> {
     key: String,
     app: String,
     warm: Option<Warm>,
-    _permit: Option<SemaphoreGuardArc>,
+    permit: Option<SemaphoreGuardArc>,
 }
 
 impl Drop for Lease<'_> {
