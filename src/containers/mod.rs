@@ -28,8 +28,10 @@
 //! and 106 more crates. Measured on a minimal x86_64 release binary with
 //! capy's profile (opt-level z, LTO, strip): 597,288 bytes without it,
 //! 1,082,792 with it: +474 KiB for the dozen REST calls in `podman.rs`,
-//! which take ~450 lines on the hyper 1 client capy already has. Doing them
+//! which take ~650 lines on the hyper 1 client capy already has. Doing them
 //! directly also bounds every reply and streams image archives from files.
+//! This whole module (engine, host, bench) adds 282,000 bytes to capy's
+//! x86_64 release binary once the node calls it (4,350,616 -> 4,632,616).
 
 mod bench;
 mod conn;
