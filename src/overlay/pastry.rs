@@ -15,8 +15,13 @@ const SECOND: Micros = 1_000_000;
 const DEAD_MEMORY: usize = 64;
 /// Most messages queued by `route` before the join completes.
 const MAX_PENDING_ROUTES: usize = 64;
-/// Candidate probes remembered, so one candidate is not probed repeatedly.
-const RECENT_PROBES: usize = 32;
+/// Second-hand nodes contacted lately (RTT probe or leaf-set check),
+/// remembered so one rumour does not trigger a message each time.
+const RECENT_PROBES: usize = 64;
+/// Routing candidates met while joining that are probed when it completes.
+const JOIN_CANDIDATES: usize = 32;
+/// Upper bound of `Config::candidate_probes`.
+pub const MAX_CANDIDATE_PROBES: u32 = 1024;
 /// Most neighbourhood-set members.
 pub const MAX_NEIGHBOURS: usize = 64;
 
@@ -38,9 +43,12 @@ pub struct Config {
     /// failed; the probe is re-sent `probe_retries` times in between.
     pub probe_timeout: Micros,
     pub probe_retries: u8,
-    /// Period of routing-table row exchange and leaf-set gossip.
+    /// Period of routing-table row exchange.
     pub maintenance_interval: Micros,
-    /// RTT probes to routing candidates allowed per `probe_interval`.
+    /// Period of leaf-set exchange with the farthest member of a side.
+    pub leaf_gossip_interval: Micros,
+    /// RTT probes to routing candidates allowed per `probe_interval` once
+    /// joined (the join itself probes up to 32 at once).
     pub candidate_probes: u32,
     /// Re-send the Join to the bootstrap after this long without a reply.
     pub join_timeout: Micros,
@@ -63,7 +71,8 @@ impl Default for Config {
             probe_timeout: 3 * SECOND,
             probe_retries: 2,
             maintenance_interval: 30 * SECOND,
-            candidate_probes: 32,
+            leaf_gossip_interval: 5 * SECOND,
+            candidate_probes: 8,
             join_timeout: 10 * SECOND,
             max_hops: 40,
             dead_ttl: 30 * SECOND,
@@ -80,6 +89,8 @@ pub enum ConfigError {
     Neighbourhood(usize),
     #[error("overlay slot_entries must be within 1..={MAX_SLOT_ENTRIES}, got {0}")]
     SlotEntries(usize),
+    #[error("overlay candidate_probes must be at most {MAX_CANDIDATE_PROBES}, got {0}")]
+    CandidateProbes(u32),
     #[error("overlay {0} must be positive")]
     Zero(&'static str),
 }
@@ -102,11 +113,15 @@ impl Config {
             ("probe_interval", self.probe_interval),
             ("probe_timeout", self.probe_timeout),
             ("maintenance_interval", self.maintenance_interval),
+            ("leaf_gossip_interval", self.leaf_gossip_interval),
             ("join_timeout", self.join_timeout),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
             }
+        }
+        if self.candidate_probes > MAX_CANDIDATE_PROBES {
+            return Err(ConfigError::CandidateProbes(self.candidate_probes));
         }
         if self.max_hops == 0 {
             return Err(ConfigError::Zero("max_hops"));
@@ -121,6 +136,8 @@ impl Config {
         self.probe_interval = self.probe_interval.max(1);
         self.probe_timeout = self.probe_timeout.max(1);
         self.maintenance_interval = self.maintenance_interval.max(1);
+        self.leaf_gossip_interval = self.leaf_gossip_interval.max(1);
+        self.candidate_probes = self.candidate_probes.min(MAX_CANDIDATE_PROBES);
         self.join_timeout = self.join_timeout.max(1);
         self.max_hops = self.max_hops.max(1);
         self
@@ -181,7 +198,8 @@ pub struct Pastry {
     state: State,
     rt: RoutingTable,
     leaf: LeafSet,
-    /// Lowest-RTT nodes known, sorted by RTT.
+    /// Lowest-RTT nodes known, sorted by id (looked up far more often
+    /// than ranked).
     nbrs: Vec<Entry>,
     dead: VecDeque<(NodeId, Micros)>,
     rng: u64,
@@ -190,10 +208,12 @@ pub struct Pastry {
     tokens_at: Micros,
     next_maint: Micros,
     maint_row: usize,
+    next_gossip: Micros,
+    gossip_right: bool,
     /// Candidates for full slots met while joining, probed once joined.
     candidates: Vec<NodeHandle>,
-    /// Candidates probed lately: not probed again while remembered.
-    probed: VecDeque<NodeId>,
+    /// Second-hand nodes contacted lately: not contacted again meanwhile.
+    probed: VecDeque<(NodeId, Micros)>,
     pending: Vec<(NodeId, Payload)>,
     leaf_dirty: bool,
 }
@@ -224,6 +244,8 @@ impl Pastry {
             tokens_at: 0,
             next_maint: 0,
             maint_row: 0,
+            next_gossip: 0,
+            gossip_right: false,
             candidates: Vec::new(),
             probed: VecDeque::new(),
             pending: Vec::new(),
@@ -269,17 +291,24 @@ impl Pastry {
     }
 
     pub fn neighbours(&self) -> Vec<(NodeHandle, Micros)> {
-        self.nbrs.iter().map(|e| (e.h, e.rtt as Micros)).collect()
+        let mut v: Vec<(NodeHandle, Micros)> =
+            self.nbrs.iter().map(|e| (e.h, e.rtt as Micros)).collect();
+        v.sort_by_key(|x| x.1);
+        v
     }
 
     pub fn rtt(&self, id: NodeId) -> Option<Micros> {
         let known = |r: u32| (r != UNKNOWN_RTT).then_some(r as Micros);
-        self.nbrs
-            .iter()
-            .find(|e| e.h.id == id)
+        self.rt
+            .get(id)
             .and_then(|e| known(e.rtt))
-            .or_else(|| self.rt.get(id).and_then(|e| known(e.rtt)))
+            .or_else(|| self.nbr(id).and_then(|e| known(e.rtt)))
             .or_else(|| self.leaf.get(id).and_then(|e| known(e.rtt)))
+    }
+
+    fn nbr(&self, id: NodeId) -> Option<&Entry> {
+        let i = self.nbrs.binary_search_by(|e| e.h.id.cmp(&id)).ok()?;
+        Some(&self.nbrs[i])
     }
 
     /// Next node toward the root of `key`; `None` when I am the root.
@@ -368,10 +397,10 @@ impl Pastry {
     }
 
     /// Graceful leave: hand my leaf set to its members and go quiet.
-    pub fn leave(&mut self, _now: Micros) -> Vec<Action> {
+    pub fn leave(&mut self, now: Micros) -> Vec<Action> {
         let mut out = Vec::new();
         if self.state == State::Joined {
-            let list = self.leaf_list();
+            let list = self.leaf_list(now);
             for e in self.leaf.members() {
                 out.push(Action::Send {
                     to: e.h,
@@ -403,15 +432,13 @@ impl Pastry {
             } => {
                 self.forward_route(now, key, origin, hops.saturating_sub(1), payload, &mut out);
             }
+            // hops already counts my JoinRows.
             Msg::Join {
                 joiner,
                 hops,
                 min_row,
-            } => {
-                if joiner.id != self.me.id && self.joined() {
-                    // hops already counts my JoinRows.
-                    self.route_join(joiner, hops, min_row, &mut out);
-                }
+            } if joiner.id != self.me.id && self.joined() => {
+                self.route_join(now, joiner, hops, min_row, &mut out);
             }
             _ => {}
         }
@@ -419,6 +446,9 @@ impl Pastry {
         out
     }
 
+    /// Timers: keep-alive probes and failure detection on the leaf set,
+    /// routing-row exchange, leaf-set gossip, join retries. Call at least
+    /// every `probe_interval / 4`.
     pub fn tick(&mut self, now: Micros) -> Vec<Action> {
         let mut out = Vec::new();
         match self.state {
@@ -445,8 +475,21 @@ impl Pastry {
             }
             State::Joined => {
                 self.keep_alive(now, &mut out);
+                // After a long pause without ticks, missed rounds are not
+                // made up: the next one gets a fresh phase.
                 if now >= self.next_maint {
-                    self.maintain(now, &mut out);
+                    if now - self.next_maint > self.cfg.maintenance_interval {
+                        self.next_maint = now + self.jitter(self.cfg.maintenance_interval);
+                    } else {
+                        self.maintain(now, &mut out);
+                    }
+                }
+                if now >= self.next_gossip {
+                    if now - self.next_gossip > self.cfg.leaf_gossip_interval {
+                        self.next_gossip = now + self.jitter(self.cfg.leaf_gossip_interval);
+                    } else {
+                        self.gossip(now, &mut out);
+                    }
                 }
             }
             State::Idle | State::Left => {}
@@ -455,6 +498,9 @@ impl Pastry {
         out
     }
 
+    /// A message from `from` (authenticated by the transport). Any message
+    /// counts as a sign of life; hostile content is bounded and ignored
+    /// where it does not fit, never a panic.
     pub fn handle(&mut self, now: Micros, from: NodeHandle, msg: Msg) -> Vec<Action> {
         let mut out = Vec::new();
         if from.id == self.me.id || self.state == State::Left {
@@ -473,7 +519,7 @@ impl Pastry {
                 min_row,
             } => {
                 if joined && joiner.id != self.me.id && hops < self.cfg.max_hops {
-                    self.on_join(joiner, hops, min_row, &mut out);
+                    self.on_join(now, joiner, hops, min_row, &mut out);
                 }
             }
             Msg::JoinRows { entries } => {
@@ -519,7 +565,7 @@ impl Pastry {
                         back = Some(self.stamp(now, from.id));
                     }
                     if announce && !was_leaf && self.leaf.contains(from.id) {
-                        leaf_set = Some(self.leaf_list());
+                        leaf_set = Some(self.leaf_list(now));
                     }
                 }
                 out.push(Action::Send {
@@ -563,7 +609,8 @@ impl Pastry {
                 hops,
                 payload,
             } => {
-                if hops <= self.cfg.max_hops {
+                // A node that has not joined is nobody's root yet.
+                if joined && hops <= self.cfg.max_hops {
                     self.forward_route(now, key, origin, hops, payload, &mut out);
                 }
             }
@@ -573,7 +620,7 @@ impl Pastry {
                     out.push(Action::Send {
                         to: from,
                         msg: Msg::LeafSetReply {
-                            leaf_set: self.leaf_list(),
+                            leaf_set: self.leaf_list(now),
                         },
                     });
                 }
@@ -586,11 +633,17 @@ impl Pastry {
                     }
                 }
             }
-            Msg::RowRequest { row } => {
+            Msg::RowRequest { row, col } => {
                 if joined {
                     self.learn_and_measure(now, from, &mut out);
-                    let entries =
-                        RowList::truncating(self.rt.row(row as usize).iter().map(|e| e.h));
+                    let r = row as usize;
+                    let entries = RowList::truncating(
+                        self.rt
+                            .row(r)
+                            .iter()
+                            .filter(|e| col.is_none_or(|c| e.h.id.digit(r) == c as usize))
+                            .map(|e| e.h),
+                    );
                     out.push(Action::Send {
                         to: from,
                         msg: Msg::RowReply { row, entries },
@@ -700,7 +753,14 @@ impl Pastry {
 
     // ---- join ----
 
-    fn on_join(&mut self, joiner: NodeHandle, hops: u8, min_row: u8, out: &mut Vec<Action>) {
+    fn on_join(
+        &mut self,
+        now: Micros,
+        joiner: NodeHandle,
+        hops: u8,
+        min_row: u8,
+        out: &mut Vec<Action>,
+    ) {
         let shl = self.me.id.shared_prefix(joiner.id).min(DIGITS - 1);
         let mut entries: Vec<NodeHandle> = Vec::new();
         for r in (min_row as usize)..=shl {
@@ -732,7 +792,7 @@ impl Pastry {
                 to: joiner,
                 msg: Msg::JoinReply {
                     expected: hops,
-                    leaf_set: self.leaf_list(),
+                    leaf_set: self.leaf_list(now),
                     entries,
                 },
             }),
@@ -740,7 +800,14 @@ impl Pastry {
     }
 
     /// Re-routes a Join whose next hop failed; my rows already went out.
-    fn route_join(&mut self, joiner: NodeHandle, hops: u8, min_row: u8, out: &mut Vec<Action>) {
+    fn route_join(
+        &mut self,
+        now: Micros,
+        joiner: NodeHandle,
+        hops: u8,
+        min_row: u8,
+        out: &mut Vec<Action>,
+    ) {
         match self.next_hop_skipping(joiner.id, Some(joiner.id)) {
             Some(next) => out.push(Action::Send {
                 to: next,
@@ -754,7 +821,7 @@ impl Pastry {
                 to: joiner,
                 msg: Msg::JoinReply {
                     expected: hops,
-                    leaf_set: self.leaf_list(),
+                    leaf_set: self.leaf_list(now),
                     entries: JoinList::new(),
                 },
             }),
@@ -811,6 +878,7 @@ impl Pastry {
         }
         self.tokens_at = now;
         self.next_maint = now + self.jitter(self.cfg.maintenance_interval);
+        self.next_gossip = now + self.jitter(self.cfg.leaf_gossip_interval);
         for (key, payload) in std::mem::take(&mut self.pending) {
             self.forward_route(now, key, self.me, 0, payload, out);
         }
@@ -835,26 +903,30 @@ impl Pastry {
             return false;
         }
         if direct {
-            self.dead.retain(|(id, _)| *id != h.id);
+            if let Some(i) = self.dead.iter().position(|(id, _)| *id == h.id) {
+                self.dead.remove(i);
+            }
         } else if self.is_dead(now, h.id) {
             return false;
         }
         let joined = self.joined();
-        let entry = LeafEntry {
-            h,
-            rtt: rtt.unwrap_or(UNKNOWN_RTT),
-            last_heard: now,
-            probe_sent: if direct { NO_PROBE } else { now },
-            probes: if direct { 0 } else { 1 },
-        };
-        if self.leaf.insert(entry, direct) {
-            self.leaf_dirty = true;
-            if !direct && joined {
-                let stamp = self.stamp(now, h.id);
-                out.push(Action::Send {
-                    to: h,
-                    msg: Msg::Announce { stamp },
-                });
+        // Once joined, a node enters my leaf set only after it answered me
+        // itself: second-hand news of a dead (or made-up) node cannot
+        // displace a live member, and repair needs no timeout per rumour.
+        let verify = joined && !direct;
+        let mut contact = false;
+        if verify {
+            contact = self.leaf.would_fit(h.id) && !self.leaf.contains(h.id);
+        } else {
+            let entry = LeafEntry {
+                h,
+                rtt: rtt.unwrap_or(UNKNOWN_RTT),
+                last_heard: now,
+                probe_sent: if direct { NO_PROBE } else { now },
+                probes: if direct { 0 } else { 1 },
+            };
+            if self.leaf.insert(entry, direct) {
+                self.leaf_dirty = true;
             }
         }
         if let Some(r) = rtt {
@@ -869,11 +941,24 @@ impl Pastry {
         };
         if known.is_none()
             && self.nbrs.len() < self.cfg.neighbourhood_size
-            && !self.nbrs.iter().any(|e| e.h.id == h.id)
+            && self.nbr(h.id).is_none()
         {
             wants = true;
         }
-        if !wants || self.probed.contains(&h.id) {
+        if contact {
+            // Short memory here: the rumour says it fits now, and an
+            // answer takes one round trip.
+            if !self.contacted(now, h.id, self.probe_step() / 2) {
+                self.remember_contact(now, h.id);
+                let stamp = self.stamp(now, h.id);
+                out.push(Action::Send {
+                    to: h,
+                    msg: Msg::Announce { stamp },
+                });
+            }
+            return false;
+        }
+        if !wants || self.contacted(now, h.id, self.cfg.probe_timeout) {
             return false;
         }
         if direct {
@@ -881,8 +966,8 @@ impl Pastry {
         }
         if joined {
             self.probe(now, h, out);
-        } else if self.candidates.len() < self.cfg.candidate_probes as usize
-            && !self.candidates.contains(&h)
+        } else if self.candidates.len() < JOIN_CANDIDATES
+            && !self.candidates.iter().any(|c| c.id == h.id)
         {
             self.candidates.push(h);
         }
@@ -910,10 +995,7 @@ impl Pastry {
             return;
         }
         self.tokens -= 1;
-        if self.probed.len() >= RECENT_PROBES {
-            self.probed.pop_front();
-        }
-        self.probed.push_back(h.id);
+        self.remember_contact(now, h.id);
         let stamp = self.stamp(now, h.id);
         out.push(Action::Send {
             to: h,
@@ -921,14 +1003,48 @@ impl Pastry {
         });
     }
 
-    fn offer_neighbour(&mut self, h: NodeHandle, rtt: u32) {
-        if let Some(i) = self.nbrs.iter().position(|e| e.h.id == h.id) {
-            self.nbrs.remove(i);
+    fn remember_contact(&mut self, now: Micros, id: NodeId) {
+        if self.probed.len() >= RECENT_PROBES {
+            self.probed.pop_front();
         }
-        let i = self.nbrs.partition_point(|e| e.rtt <= rtt);
-        if i < self.cfg.neighbourhood_size {
-            self.nbrs.insert(i, Entry { h, rtt });
-            self.nbrs.truncate(self.cfg.neighbourhood_size);
+        self.probed.push_back((id, now));
+    }
+
+    /// Contacted within `ttl` (at most the probe timeout, which bounds the
+    /// memory): the answer may be on its way.
+    fn contacted(&mut self, now: Micros, id: NodeId, ttl: Micros) -> bool {
+        let keep = self.cfg.probe_timeout;
+        while self
+            .probed
+            .front()
+            .is_some_and(|(_, t)| now.saturating_sub(*t) >= keep)
+        {
+            self.probed.pop_front();
+        }
+        self.probed
+            .iter()
+            .any(|(x, t)| *x == id && now.saturating_sub(*t) < ttl)
+    }
+
+    fn offer_neighbour(&mut self, h: NodeHandle, rtt: u32) {
+        match self.nbrs.binary_search_by(|e| e.h.id.cmp(&h.id)) {
+            Ok(i) => self.nbrs[i].rtt = rtt,
+            Err(i) if self.nbrs.len() < self.cfg.neighbourhood_size => {
+                self.nbrs.insert(i, Entry { h, rtt })
+            }
+            Err(_) => {
+                let mut w = 0;
+                for (j, e) in self.nbrs.iter().enumerate() {
+                    if e.rtt > self.nbrs[w].rtt {
+                        w = j;
+                    }
+                }
+                if rtt < self.nbrs[w].rtt {
+                    self.nbrs.remove(w);
+                    let i = self.nbrs.partition_point(|e| e.h.id < h.id);
+                    self.nbrs.insert(i, Entry { h, rtt });
+                }
+            }
         }
     }
 
@@ -953,7 +1069,7 @@ impl Pastry {
             .get(id)
             .map(|e| e.h)
             .or_else(|| self.rt.get(id).map(|e| e.h))
-            .or_else(|| self.nbrs.iter().find(|e| e.h.id == id).map(|e| e.h));
+            .or_else(|| self.nbr(id).map(|e| e.h));
         let (left, right) = self.leaf.remove(id);
         let slot = self.rt.remove(id);
         self.nbrs.retain(|e| e.h.id != id);
@@ -1012,8 +1128,9 @@ impl Pastry {
         }
     }
 
-    /// Ask another entry of row r (else of row r+1) for its row r: its
-    /// entries share r digits with me and may fill slot c.
+    /// Ask another entry of row r (else of row r+1) for its slot (r, c):
+    /// sharing at least r digits with me, its slot holds exactly what mine
+    /// needs.
     fn repair_slot(&mut self, r: usize, c: usize, out: &mut Vec<Action>) {
         let pick = |rt: &RoutingTable, row: usize, rng: &mut u64| -> Option<NodeHandle> {
             let v: Vec<&Entry> = rt
@@ -1032,7 +1149,10 @@ impl Pastry {
         if let Some(t) = target {
             out.push(Action::Send {
                 to: t,
-                msg: Msg::RowRequest { row: r as u8 },
+                msg: Msg::RowRequest {
+                    row: r as u8,
+                    col: Some(c as u8),
+                },
             });
         }
     }
@@ -1040,7 +1160,7 @@ impl Pastry {
     fn keep_alive(&mut self, now: Micros, out: &mut Vec<Action>) {
         let interval = self.cfg.probe_interval;
         let timeout = self.cfg.probe_timeout;
-        let step = (timeout / (self.cfg.probe_retries as Micros + 1)).max(1);
+        let step = self.probe_step();
         let retries = self.cfg.probe_retries;
         let mut send: Vec<NodeHandle> = Vec::new();
         let mut failed: Vec<NodeId> = Vec::new();
@@ -1076,8 +1196,7 @@ impl Pastry {
     }
 
     /// Periodic: exchange one routing-table row (proximity gets better and
-    /// holes get filled) and gossip leaf sets with one random member (heals
-    /// inconsistencies left by concurrent joins).
+    /// holes get filled).
     fn maintain(&mut self, now: Micros, out: &mut Vec<Action>) {
         self.next_maint = now + self.jitter(self.cfg.maintenance_interval);
         let rows = self.rt.rows();
@@ -1089,22 +1208,35 @@ impl Pastry {
                     let e = row[(splitmix(&mut self.rng) % row.len() as u64) as usize].h;
                     out.push(Action::Send {
                         to: e,
-                        msg: Msg::RowRequest { row: r as u8 },
+                        msg: Msg::RowRequest {
+                            row: r as u8,
+                            col: None,
+                        },
                     });
                     self.maint_row = r + 1;
                     break;
                 }
             }
         }
-        let n = self.leaf.len();
-        if n > 0 {
-            let k = (splitmix(&mut self.rng) % n as u64) as usize;
-            if let Some(e) = self.leaf.members().nth(k) {
-                out.push(Action::Send {
-                    to: e.h,
-                    msg: Msg::LeafSetRequest,
-                });
-            }
+    }
+
+    /// Periodic: ask the farthest member of one side (alternating) for its
+    /// leaf set. It knows the nodes just beyond my range, so a live node
+    /// that stale replies kept out during a repair is found within two
+    /// rounds, and so are nodes missed by racing joins.
+    fn gossip(&mut self, now: Micros, out: &mut Vec<Action>) {
+        self.next_gossip = now + self.jitter(self.cfg.leaf_gossip_interval);
+        self.gossip_right = !self.gossip_right;
+        let side = if self.gossip_right {
+            Side::Right
+        } else {
+            Side::Left
+        };
+        if let Some(t) = self.leaf.farthest(side) {
+            out.push(Action::Send {
+                to: t,
+                msg: Msg::LeafSetRequest,
+            });
         }
     }
 
@@ -1116,8 +1248,21 @@ impl Pastry {
         }
     }
 
-    fn leaf_list(&self) -> LeafList {
-        Bounded::truncating(self.leaf.members().map(|e| e.h))
+    /// My leaf set as I vouch for it: members with a probe unanswered for
+    /// a retry step are left out, so a failure I am about to detect does
+    /// not spread to the node that asked.
+    fn leaf_list(&self, now: Micros) -> LeafList {
+        let step = self.probe_step();
+        Bounded::truncating(
+            self.leaf
+                .members()
+                .filter(|e| e.probe_sent == NO_PROBE || now.saturating_sub(e.probe_sent) < step)
+                .map(|e| e.h),
+        )
+    }
+
+    fn probe_step(&self) -> Micros {
+        (self.cfg.probe_timeout / (self.cfg.probe_retries as Micros + 1)).max(1)
     }
 
     fn tag(&self, peer: NodeId, sent: Micros) -> u64 {

@@ -64,8 +64,17 @@ impl RoutingTable {
         self.rows.len()
     }
 
+    /// Index range of slot c in row r: a row is sorted by id, and all its
+    /// entries share r digits with me, so a slot is a contiguous run.
+    fn slot_range(row: &[Entry], r: usize, c: usize) -> std::ops::Range<usize> {
+        let a = row.partition_point(|e| e.h.id.digit(r) < c);
+        let b = a + row[a..].partition_point(|e| e.h.id.digit(r) <= c);
+        a..b
+    }
+
     pub fn slot(&self, r: usize, c: usize) -> impl Iterator<Item = &Entry> {
-        self.row(r).iter().filter(move |e| e.h.id.digit(r) == c)
+        let row = self.row(r);
+        row[Self::slot_range(row, r, c)].iter()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Entry> {
@@ -74,12 +83,17 @@ impl RoutingTable {
 
     pub fn get(&self, id: NodeId) -> Option<&Entry> {
         let (r, _) = self.place(id)?;
-        self.row(r).iter().find(|e| e.h.id == id)
+        let row = self.row(r);
+        row.binary_search_by(|e| e.h.id.cmp(&id))
+            .ok()
+            .map(|i| &row[i])
     }
 
     fn get_mut(&mut self, id: NodeId) -> Option<&mut Entry> {
         let (r, _) = self.place(id)?;
-        self.rows.get_mut(r)?.iter_mut().find(|e| e.h.id == id)
+        let row = self.rows.get_mut(r)?;
+        let i = row.binary_search_by(|e| e.h.id.cmp(&id)).ok()?;
+        Some(&mut row[i])
     }
 
     /// Entries per row, up to the last non-empty one.
@@ -109,36 +123,33 @@ impl RoutingTable {
         let k = self.k;
         let row = &mut self.rows[r];
         let rtt = rtt.unwrap_or(UNKNOWN_RTT);
-        let mut count = 0;
-        let mut worst: Option<usize> = None;
-        for (i, e) in row.iter().enumerate() {
-            if e.h.id.digit(r) == c {
-                count += 1;
-                if worst.is_none_or(|w| e.rtt > row[w].rtt) {
-                    worst = Some(i);
-                }
-            }
-        }
-        if count < k {
-            row.push(Entry { h, rtt });
+        let range = Self::slot_range(row, r, c);
+        let at = row.partition_point(|e| e.h.id < h.id);
+        if range.len() < k {
+            row.insert(at, Entry { h, rtt });
             return Offer::Inserted;
         }
-        match worst {
-            Some(w) if rtt < row[w].rtt => {
-                let old = row[w].h;
-                row[w] = Entry { h, rtt };
-                Offer::Replaced(old)
+        let mut w = range.start;
+        for i in range {
+            if row[i].rtt > row[w].rtt {
+                w = i;
             }
-            _ => Offer::Full,
         }
+        if rtt >= row[w].rtt {
+            return Offer::Full;
+        }
+        let old = row.remove(w).h;
+        let at = row.partition_point(|e| e.h.id < h.id);
+        row.insert(at, Entry { h, rtt });
+        Offer::Replaced(old)
     }
 
     /// Removes `id`; returns the (row, column) it held.
     pub fn remove(&mut self, id: NodeId) -> Option<(usize, usize)> {
         let (r, c) = self.place(id)?;
         let row = self.rows.get_mut(r)?;
-        let i = row.iter().position(|e| e.h.id == id)?;
-        row.swap_remove(i);
+        let i = row.binary_search_by(|e| e.h.id.cmp(&id)).ok()?;
+        row.remove(i);
         while self.rows.last().is_some_and(|r| r.is_empty()) {
             self.rows.pop();
         }
@@ -195,9 +206,13 @@ pub struct LeafSet {
     left: Vec<LeafEntry>,
     /// Clockwise neighbours, closest first.
     right: Vec<LeafEntry>,
+    /// The ids of `left` and `right`, kept apart so that a search touches
+    /// a few cache lines instead of every entry.
+    ids: [Vec<NodeId>; 2],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
 pub enum Side {
     Left,
     Right,
@@ -211,6 +226,7 @@ impl LeafSet {
             half,
             left: Vec::with_capacity(half),
             right: Vec::with_capacity(half),
+            ids: [Vec::with_capacity(half), Vec::with_capacity(half)],
         }
     }
 
@@ -228,8 +244,28 @@ impl LeafSet {
         }
     }
 
+    fn find(&self, s: Side, id: NodeId) -> Option<usize> {
+        let d = Self::dist(self.me, s, id);
+        let v = &self.ids[s as usize];
+        let i = v.partition_point(|x| Self::dist(self.me, s, *x) < d);
+        (i < v.len() && v[i] == id).then_some(i)
+    }
+
+    /// Whether `id` would get a place on some side.
+    pub fn would_fit(&self, id: NodeId) -> bool {
+        if id == self.me {
+            return false;
+        }
+        [Side::Left, Side::Right].into_iter().any(|s| {
+            let v = self.side(s);
+            v.len() < self.half
+                || v.last()
+                    .is_some_and(|l| Self::dist(self.me, s, id) < Self::dist(self.me, s, l.h.id))
+        })
+    }
+
     pub fn contains(&self, id: NodeId) -> bool {
-        self.left.iter().chain(&self.right).any(|e| e.h.id == id)
+        self.find(Side::Left, id).is_some() || self.find(Side::Right, id).is_some()
     }
 
     /// Inserts `e` on each side where it ranks among the `half` closest;
@@ -244,12 +280,13 @@ impl LeafSet {
         for s in [Side::Left, Side::Right] {
             let me = self.me;
             let half = self.half;
+            let ids = &mut self.ids[s as usize];
             let v = match s {
                 Side::Left => &mut self.left,
                 Side::Right => &mut self.right,
             };
             let d = Self::dist(me, s, e.h.id);
-            match v.binary_search_by(|x| Self::dist(me, s, x.h.id).cmp(&d)) {
+            match ids.binary_search_by(|x| Self::dist(me, s, *x).cmp(&d)) {
                 Ok(i) => {
                     if direct {
                         v[i].h.addr = e.h.addr;
@@ -258,6 +295,8 @@ impl LeafSet {
                 Err(i) if i < half => {
                     v.insert(i, e);
                     v.truncate(half);
+                    ids.insert(i, e.h.id);
+                    ids.truncate(half);
                     changed = true;
                 }
                 Err(_) => {}
@@ -268,36 +307,55 @@ impl LeafSet {
 
     /// Removes `id` from both sides; returns the sides it left.
     pub fn remove(&mut self, id: NodeId) -> (bool, bool) {
-        let l = self.left.len();
-        self.left.retain(|e| e.h.id != id);
-        let r = self.right.len();
-        self.right.retain(|e| e.h.id != id);
-        (self.left.len() != l, self.right.len() != r)
+        let l = self.find(Side::Left, id).map(|i| {
+            self.ids[Side::Left as usize].remove(i);
+            self.left.remove(i)
+        });
+        let r = self.find(Side::Right, id).map(|i| {
+            self.ids[Side::Right as usize].remove(i);
+            self.right.remove(i)
+        });
+        (l.is_some(), r.is_some())
     }
 
     /// Applies `f` to every copy of `id`'s entry.
     pub fn update(&mut self, id: NodeId, mut f: impl FnMut(&mut LeafEntry)) {
-        for e in self.left.iter_mut().chain(self.right.iter_mut()) {
-            if e.h.id == id {
-                f(e);
-            }
+        if let Some(i) = self.find(Side::Left, id) {
+            f(&mut self.left[i]);
+        }
+        if let Some(i) = self.find(Side::Right, id) {
+            f(&mut self.right[i]);
         }
     }
 
     pub fn get(&self, id: NodeId) -> Option<&LeafEntry> {
-        self.left.iter().chain(&self.right).find(|e| e.h.id == id)
+        self.find(Side::Left, id)
+            .map(|i| &self.left[i])
+            .or_else(|| self.find(Side::Right, id).map(|i| &self.right[i]))
+    }
+
+    /// Whether some node may sit on both sides: only when the two arcs
+    /// together reach around the ring (a node on both sides has ccw + cw
+    /// distance equal to the ring size).
+    fn sides_may_overlap(&self) -> bool {
+        match (self.left.last(), self.right.last()) {
+            (Some(l), Some(r)) => l.h.id.cw(self.me).checked_add(self.me.cw(r.h.id)).is_none(),
+            _ => false,
+        }
     }
 
     /// Distinct members (a node on both sides appears once).
     pub fn members(&self) -> impl Iterator<Item = &LeafEntry> {
         let left = &self.left;
+        let overlap = self.sides_may_overlap();
         left.iter().chain(
             self.right
                 .iter()
-                .filter(move |e| !left.iter().any(|l| l.h.id == e.h.id)),
+                .filter(move |e| !overlap || !left.iter().any(|l| l.h.id == e.h.id)),
         )
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.members().count()
     }
@@ -317,17 +375,7 @@ impl LeafSet {
     /// True when the leaf set spans the whole ring: a side is not full (so
     /// I know fewer than `2 * half` other nodes) or the sides meet.
     pub fn covers_ring(&self) -> bool {
-        match (self.left.last(), self.right.last()) {
-            (Some(l), Some(r)) if self.left.len() >= self.half && self.right.len() >= self.half => {
-                let span = l.h.id.cw(self.me).checked_add(self.me.cw(r.h.id));
-                span.is_none()
-                    || self
-                        .right
-                        .iter()
-                        .any(|e| self.left.iter().any(|x| x.h.id == e.h.id))
-            }
-            _ => true,
-        }
+        self.left.len() < self.half || self.right.len() < self.half || self.sides_may_overlap()
     }
 
     /// Whether `key` lies between my farthest left and right members.

@@ -38,15 +38,13 @@ fn root_of(ids: &[NodeId], key: NodeId) -> NodeId {
     best
 }
 
-/// A Pastry instance that has learned `others` through a leaf-set reply.
+/// A joined Pastry instance that has heard from each of `others` directly.
 fn node_knowing(me: u128, others: &[u128]) -> Pastry {
     let mut p = Pastry::new(h(me), Config::default());
     p.bootstrap_alone();
-    let others: Vec<u128> = others.iter().copied().filter(|&o| o != me).collect();
-    for chunk in others.chunks(MAX_LEAF_SET) {
-        let list = LeafList::truncating(chunk.iter().map(|&i| h(i)));
-        let from = h(chunk[0]);
-        p.handle(0, from, Msg::LeafSetReply { leaf_set: list });
+    for &o in others {
+        let stamp = Stamp { sent: 0, tag: 0 };
+        p.handle(0, h(o), Msg::Probe { stamp });
     }
     p
 }
@@ -265,6 +263,36 @@ proptest! {
         prop_assert_eq!(got, all);
     }
 
+    /// Inserting in any order keeps exactly the `half` nearest nodes on
+    /// each side, sorted; removals keep the sides sorted and searchable.
+    #[test]
+    fn leaf_set_keeps_nearest_per_side(me in any::<u128>(), ids in prop::collection::hash_set(any::<u128>(), 0..80), half in 1usize..14) {
+        let mut ls = LeafSet::new(NodeId(me), 2 * half);
+        let ids: Vec<u128> = ids.into_iter().filter(|&i| i != me).collect();
+        for &i in &ids {
+            ls.insert(leaf_entry(i), false);
+        }
+        let mut right: Vec<u128> = ids.clone();
+        right.sort_by_key(|&i| NodeId(me).cw(NodeId(i)));
+        right.truncate(half);
+        let mut left: Vec<u128> = ids.clone();
+        left.sort_by_key(|&i| NodeId(i).cw(NodeId(me)));
+        left.truncate(half);
+        let got = |ls: &LeafSet, s: Side| ls.side(s).iter().map(|e| e.h.id.0).collect::<Vec<_>>();
+        prop_assert_eq!(got(&ls, Side::Right), right.clone());
+        prop_assert_eq!(got(&ls, Side::Left), left.clone());
+        for &i in right.iter().step_by(2) {
+            ls.remove(NodeId(i));
+            prop_assert!(!ls.contains(NodeId(i)));
+        }
+        for s in [Side::Left, Side::Right] {
+            for e in ls.side(s) {
+                prop_assert!(ls.contains(e.h.id));
+                prop_assert_eq!(ls.get(e.h.id).map(|x| x.h.id), Some(e.h.id));
+            }
+        }
+    }
+
     /// With every node knowing every other, routes end at the true root.
     #[test]
     fn perfect_state_routes_to_true_root(ids in prop::collection::hash_set(any::<u128>(), 2..60), keys in prop::collection::vec(any::<u128>(), 1..40)) {
@@ -309,7 +337,8 @@ proptest! {
             Msg::Join { joiner: h(me), hops, min_row },
             Msg::Join { joiner: h(list.first().copied().unwrap_or(9)), hops, min_row },
             Msg::RowReply { row, entries: RowList::truncating(handles.clone()) },
-            Msg::RowRequest { row },
+            Msg::RowRequest { row, col: None },
+            Msg::RowRequest { row, col: Some(min_row) },
             Msg::LeafSetReply { leaf_set: LeafList::truncating(handles.clone()) },
             Msg::Leave { leaf_set: LeafList::truncating(handles.clone()) },
             Msg::JoinReply { expected, leaf_set: LeafList::truncating(handles.clone()), entries: JoinList::truncating(handles.clone()) },
@@ -811,4 +840,139 @@ fn config_validation() {
         },
     );
     assert_eq!(p.config().leaf_set_size, MAX_LEAF_SET);
+}
+
+#[test]
+fn leaf_set_admits_rumoured_nodes_only_after_they_answer() {
+    let me = 1u128 << 127;
+    let mut p = node_knowing(me, &[me + 1000, me - 1000, 5]);
+    let rumour = h(me + 10);
+    let acts = p.handle(
+        SEC,
+        h(me + 1000),
+        Msg::LeafSetReply {
+            leaf_set: LeafList::truncating([rumour]),
+        },
+    );
+    assert!(!p.leaf_set().contains(&rumour), "not before it answers");
+    let stamp = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                to,
+                msg: Msg::Announce { stamp },
+            } if *to == rumour => Some(*stamp),
+            _ => None,
+        })
+        .expect("the rumoured node is contacted");
+    // A forged answer (wrong tag) still proves the sender is alive (the
+    // transport authenticated it) but measures nothing.
+    let forged = Stamp {
+        sent: stamp.sent,
+        tag: stamp.tag ^ 1,
+    };
+    p.handle(
+        SEC + 30 * MS,
+        rumour,
+        Msg::ProbeAck {
+            echo: forged,
+            back: None,
+            leaf_set: None,
+        },
+    );
+    assert!(p.leaf_set().contains(&rumour));
+    assert_eq!(p.rtt(rumour.id), None);
+    p.handle(
+        SEC + 40 * MS,
+        rumour,
+        Msg::ProbeAck {
+            echo: stamp,
+            back: None,
+            leaf_set: None,
+        },
+    );
+    assert_eq!(p.rtt(rumour.id), Some(40 * MS));
+    // A rumour about a node I declared failed is ignored for a while.
+    let dead = h(me - 10);
+    p.handle(
+        2 * SEC,
+        dead,
+        Msg::Probe {
+            stamp: Stamp { sent: 0, tag: 0 },
+        },
+    );
+    assert!(p.leaf_set().contains(&dead));
+    let acts = p.send_failed(3 * SEC, dead, Msg::LeafSetRequest);
+    assert!(acts.contains(&Action::NodeFailed(dead)));
+    assert!(acts.contains(&Action::LeafSetChanged));
+    let acts = p.handle(
+        4 * SEC,
+        h(me + 1000),
+        Msg::LeafSetReply {
+            leaf_set: LeafList::truncating([dead]),
+        },
+    );
+    assert!(!acts
+        .iter()
+        .any(|a| matches!(a, Action::Send { to, .. } if *to == dead)));
+}
+
+#[test]
+fn row_request_can_ask_for_one_slot() {
+    let me = 0u128;
+    let others: Vec<u128> = (1..16u128)
+        .flat_map(|d| [(d << 124) | 1, (d << 124) | 2])
+        .collect();
+    let mut p = node_knowing(me, &others);
+    assert_eq!(p.routing_fill(), vec![30]);
+    let reply = |acts: Vec<Action>| {
+        acts.into_iter()
+            .find_map(|a| match a {
+                Action::Send {
+                    msg: Msg::RowReply { entries, .. },
+                    ..
+                } => Some(entries.into_vec()),
+                _ => None,
+            })
+            .expect("a row reply")
+    };
+    let asker = h(0x0100 << 112);
+    let all = reply(p.handle(SEC, asker, Msg::RowRequest { row: 0, col: None }));
+    assert_eq!(all.len(), 30);
+    let slot = reply(p.handle(
+        SEC,
+        asker,
+        Msg::RowRequest {
+            row: 0,
+            col: Some(7),
+        },
+    ));
+    let mut ids: Vec<u128> = slot.iter().map(|x| x.id.0).collect();
+    ids.sort();
+    assert_eq!(ids, vec![(7 << 124) | 1, (7 << 124) | 2]);
+    let none = reply(p.handle(
+        SEC,
+        asker,
+        Msg::RowRequest {
+            row: 31,
+            col: Some(200),
+        },
+    ));
+    assert!(none.is_empty());
+}
+
+#[test]
+fn join_is_retried_after_a_timeout() {
+    let via = h(1 << 100);
+    let mut p = Pastry::new(h(5 << 100), Config::default());
+    let first = p.join(0, via);
+    assert!(
+        matches!(&first[..], [Action::Send { to, msg: Msg::Join { hops: 0, .. } }] if *to == via)
+    );
+    assert!(p.tick(SEC).is_empty());
+    let again = p.tick(Config::default().join_timeout);
+    assert_eq!(again, first);
+    assert!(!p.joined());
+    // Messages routed meanwhile wait for the join.
+    assert!(p.route(SEC, NodeId(9), vec![1]).unwrap().is_empty());
 }

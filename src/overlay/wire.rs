@@ -213,8 +213,10 @@ pub enum Msg {
     LeafSetReply {
         leaf_set: LeafList,
     },
+    /// Asks for routing-table row `row`, or only its slot `col` (repair).
     RowRequest {
         row: u8,
+        col: Option<u8>,
     },
     RowReply {
         row: u8,

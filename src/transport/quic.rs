@@ -6,8 +6,10 @@
 //! bidirectional one. The stream's end delimits the frame (read with
 //! `read_to_end(max_frame)`), so there is no length prefix to trust, and a
 //! frame over `max_frame` is refused by stopping its stream without
-//! touching the connection. Frames on different streams are not ordered
-//! with respect to each other.
+//! touching the connection. Frames are not ordered with respect to each
+//! other, not even two sends awaited one after the other: each stream is
+//! read by its own task. A caller that needs order numbers its frames or
+//! uses requests.
 
 use super::cert::{self, SERVER_NAME};
 use super::error::{SendError, TransportError};
@@ -334,7 +336,8 @@ impl Transport {
             .keep_alive_interval(Some(cfg.keep_alive))
             .max_concurrent_uni_streams(VarInt::from_u32(cfg.max_streams))
             .max_concurrent_bidi_streams(VarInt::from_u32(cfg.max_streams))
-            .datagram_receive_buffer_size(None);
+            .datagram_receive_buffer_size(None)
+            .ack_frequency_config(Some(ack_frequency()));
         let tc = Arc::new(tc);
 
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -376,16 +379,14 @@ impl Transport {
             addr: listen,
             source,
         })?;
-        let mut endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server),
-            socket,
-            Arc::new(quinn::SmolRuntime),
-        )
-        .map_err(|source| TransportError::Bind {
-            addr: listen,
-            source,
-        })?;
+        let mut ep_cfg = quinn::EndpointConfig::new(Arc::new(ResetKey::for_identity(identity)?));
+        ep_cfg.cid_generator(|| Box::new(RandomCids));
+        let mut endpoint =
+            quinn::Endpoint::new(ep_cfg, Some(server), socket, Arc::new(quinn::SmolRuntime))
+                .map_err(|source| TransportError::Bind {
+                    addr: listen,
+                    source,
+                })?;
         endpoint.set_default_client_config(client);
         let local = endpoint
             .local_addr()
@@ -449,7 +450,10 @@ impl Transport {
     }
 
     /// Connects (or reuses the connection) and returns who is there: how a
-    /// joiner learns a bootstrap peer's vnode ids from its address.
+    /// joiner learns a bootstrap peer's vnode ids from its address. Our
+    /// certificate has not necessarily been accepted yet when this returns
+    /// (TLS 1.3 lets the client finish first); a refusal shows on the next
+    /// send or request.
     pub async fn peer_info(&self, to: SocketAddr) -> Result<Arc<PeerInfo>, SendError> {
         let (live, _) = self.handle.shared.conn(to).await?;
         Ok(live.peer)
@@ -465,6 +469,82 @@ impl Transport {
     pub fn close(&self) {
         self.handle.shared.close();
     }
+}
+
+/// Stateless-reset key derived from the node's private key, so it survives
+/// a restart: a node that crashed and came back answers packets of its old
+/// connections with a reset the peer recognises, and the peer reconnects
+/// at once instead of waiting out the idle timeout.
+struct ResetKey(hmac::Hmac<sha2::Sha256>);
+
+impl ResetKey {
+    fn for_identity(identity: &Identity) -> Result<ResetKey, TransportError> {
+        use hmac::Mac;
+        use sha2::Digest;
+        let secret = match &identity.key {
+            rustls::pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der(),
+            rustls::pki_types::PrivateKeyDer::Sec1(k) => k.secret_sec1_der(),
+            rustls::pki_types::PrivateKeyDer::Pkcs1(k) => k.secret_pkcs1_der(),
+            _ => return Err(TransportError::Tls("unsupported private key type".into())),
+        };
+        let mut h = sha2::Sha256::new();
+        h.update(b"capy stateless reset v1\0");
+        h.update(secret);
+        let mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&h.finalize())
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
+        Ok(ResetKey(mac))
+    }
+}
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], out: &mut [u8]) {
+        use hmac::Mac;
+        let mut m = self.0.clone();
+        m.update(data);
+        let tag = m.finalize().into_bytes();
+        let n = out.len().min(tag.len());
+        out[..n].copy_from_slice(&tag[..n]);
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        use hmac::Mac;
+        let mut m = self.0.clone();
+        m.update(data);
+        m.verify_slice(signature)
+            .map_err(|_| quinn::crypto::CryptoError)
+    }
+}
+
+/// Random 8-byte connection ids that any restart of this node accepts as
+/// possibly its own. quinn's default generator signs its ids with a key
+/// that changes on restart and silently drops packets for ids it cannot
+/// verify, which would keep a restarted node from sending the reset above.
+/// Resets stay rate-limited and smaller than the packet that caused them.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
+    }
+    fn cid_len(&self) -> usize {
+        8
+    }
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Asks the peer to acknowledge within 1 ms instead of QUIC's default
+/// 25 ms: `send` waits for that acknowledgement, so this is its latency on
+/// a quiet connection. Bulk transfers still get one ACK per two packets.
+fn ack_frequency() -> quinn::AckFrequencyConfig {
+    let mut c = quinn::AckFrequencyConfig::default();
+    c.max_ack_delay(Some(Duration::from_millis(1)));
+    c
 }
 
 /// `Some(output)` if `f` finishes within `d`.
@@ -589,7 +669,7 @@ impl Shared {
         check_expect(&live, expect)?;
         match op(live.clone()).await {
             Err(e @ SendError::ConnectionLost { .. }) => {
-                if let Some(refusal) = handshake_refusal(&live) {
+                if let Some(refusal) = handshake_refusal(&live, fresh) {
                     return Err(refusal);
                 }
                 if fresh {
@@ -602,7 +682,7 @@ impl Shared {
                 check_expect(&live, expect)?;
                 match op(live.clone()).await {
                     Err(e @ SendError::ConnectionLost { .. }) => {
-                        Err(handshake_refusal(&live).unwrap_or(e))
+                        Err(handshake_refusal(&live, true).unwrap_or(e))
                     }
                     r => r,
                 }
@@ -674,7 +754,7 @@ impl Shared {
                 });
             }
             Some(Err(e)) => {
-                warn!(peer = %addr, reason = %e, "connection refused");
+                warn!(peer = %addr, reason = %e, "outbound connection refused");
                 return Err(SendError::Connect {
                     addr,
                     reason: e.to_string(),
@@ -922,22 +1002,25 @@ impl Shared {
 }
 
 /// In TLS 1.3 the client finishes its handshake before the server has
-/// checked the client's certificate, so a refusal of ours arrives as a
-/// close with a TLS alert code right after. Reported as a refused connect.
-fn handshake_refusal(live: &Live) -> Option<SendError> {
-    match live.conn.close_reason() {
-        Some(quinn::ConnectionError::ConnectionClosed(c))
+/// checked the client's certificate, so a refusal of ours arrives right
+/// after: as a close with a TLS alert code, or, when our first packets
+/// outrun that close, as a stateless reset of a connection that was just
+/// made. Both are reported as a refused connect.
+fn handshake_refusal(live: &Live, fresh: bool) -> Option<SendError> {
+    let addr = live.peer.addr;
+    let reason = match live.conn.close_reason()? {
+        quinn::ConnectionError::ConnectionClosed(c)
             if (0x100..0x200).contains(&u64::from(c.error_code)) =>
         {
-            let addr = live.peer.addr;
-            warn!(peer = %addr, reason = %c, "peer refused our certificate");
-            Some(SendError::Connect {
-                addr,
-                reason: format!("refused by the peer: {c}"),
-            })
+            format!("refused by the peer: {c}")
         }
-        _ => None,
-    }
+        quinn::ConnectionError::Reset if fresh => {
+            "refused by the peer right after the handshake (reset)".to_string()
+        }
+        _ => return None,
+    };
+    warn!(peer = %addr, %reason, "peer refused the connection");
+    Some(SendError::Connect { addr, reason })
 }
 
 fn check_expect(live: &Live, expect: Option<NodeId>) -> Result<(), SendError> {
