@@ -210,20 +210,42 @@ pub fn ca(c: CaCmd) -> i32 {
 
 pub fn sim(s: SimArgs) -> i32 {
     match s.what {
-        Some(SimCmd::Game { nodes, seed, json }) => {
-            let _ = (nodes, seed, json);
-            eprintln!("capy: sim game is not wired yet");
-            EXIT_FAILED
+        Some(SimCmd::Game {
+            nodes,
+            seed,
+            rounds,
+            epochs,
+            epoch_rounds,
+            churn,
+            json,
+        }) => {
+            let opts = crate::game::GameSimOpts {
+                nodes,
+                seed,
+                rounds,
+                epochs,
+                epoch_rounds,
+                churn,
+                ..Default::default()
+            };
+            crate::game::print_game_sim(&opts, json)
         }
         None => {
-            eprintln!("capy: sim not wired yet");
-            EXIT_FAILED
+            let opts = crate::sim::OverlaySimOpts {
+                nodes: s.nodes,
+                lookups: s.lookups,
+                fail_fraction: s.fail_fraction,
+                seed: s.seed,
+                ..Default::default()
+            };
+            crate::sim::print_overlay(&opts, s.json)
         }
     }
 }
 
 pub fn bench(b: BenchCmd) -> i32 {
     match b {
+        BenchCmd::Handlers { json } => crate::handlers::bench_handlers(json),
         BenchCmd::Kv {
             nodes,
             ops,

@@ -78,6 +78,9 @@ pub enum Cmd {
     /// Benchmarks that print their figures.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Try a Lua handler locally, in the node's sandbox and limits.
+    #[command(subcommand)]
+    Handler(HandlerCmd),
     /// Opens a store file and exits: run by `capy run` in a child process,
     /// because the storage engine may abort on some damaged files.
     #[command(name = "__check-store", hide = true)]
@@ -170,13 +173,45 @@ pub enum SimCmd {
         nodes: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Cold-start rounds.
+        #[arg(long, default_value_t = 100)]
+        rounds: u32,
+        /// Load-measurement epochs after the cold start.
+        #[arg(long, default_value_t = 10)]
+        epochs: u32,
+        #[arg(long, default_value_t = 20)]
+        epoch_rounds: u32,
+        /// Share of nodes leaving half way through the cold start.
+        #[arg(long, default_value_t = 0.0)]
+        churn: f64,
         #[arg(long)]
         json: bool,
     },
 }
 
 #[derive(Subcommand, Debug)]
+pub enum HandlerCmd {
+    /// Run one callback and print its result, effects and logs as JSON.
+    Run {
+        file: PathBuf,
+        #[arg(long, value_parser = ["create", "read", "update", "timer"])]
+        event: String,
+        /// The key's stored data (JSON).
+        #[arg(long)]
+        state: Option<String>,
+        /// readCb's args or updateCb's new data (JSON).
+        #[arg(long)]
+        args: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum BenchCmd {
+    /// Every callback of every shipped handler policy.
+    Handlers {
+        #[arg(long)]
+        json: bool,
+    },
     /// Start real nodes on loopback and measure put/get latency.
     Kv {
         #[arg(long, default_value_t = 5)]
@@ -212,6 +247,12 @@ pub fn main() -> i32 {
         Some(Cmd::Status { json, c }) => client::status(&c, json),
         Some(Cmd::Sim(s)) => client::sim(s),
         Some(Cmd::Bench(b)) => client::bench(b),
+        Some(Cmd::Handler(HandlerCmd::Run {
+            file,
+            event,
+            state,
+            args,
+        })) => crate::handlers::handler_run_cmd(&file, &event, state.as_deref(), args.as_deref()),
         Some(Cmd::CheckStore { path }) => crate::node::check_store_cmd(&path),
     }
 }

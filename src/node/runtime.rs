@@ -19,6 +19,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+// A routed store request carries one value; a frame carries one store
+// message. Checked at compile time so the layers' bounds cannot drift apart.
+const _: () = assert!(overlay::MAX_PAYLOAD >= crate::store::MAX_VALUE + 32 * 1024);
+const _: () = assert!(overlay::MAX_FRAME <= crate::store::replica::MAX_MSG + 64 * 1024);
+
 /// Every message between nodes: the frame body.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Wire {
@@ -219,7 +224,12 @@ impl Node {
                 id: identity.vnode_id(i),
                 addr: advertise,
             };
-            vnodes.insert(me.id, Pastry::new(me, ocfg.clone()));
+            // Probe tags must not be predictable from the id.
+            let c = overlay::Config {
+                seed: rand::random(),
+                ..ocfg.clone()
+            };
+            vnodes.insert(me.id, Pastry::new(me, c));
         }
         // Request ids must not repeat those of an earlier life of this node.
         let seed = wall_us() ^ ((std::process::id() as u64) << 40);

@@ -18,7 +18,7 @@ pub const MAX_ROW: usize = 16 * MAX_SLOT_ENTRIES;
 /// Most handles a join-path node hands the joiner in one message.
 pub const MAX_JOIN_ENTRIES: usize = 256;
 /// Largest payload a routed message may carry.
-pub const MAX_PAYLOAD: usize = 1 << 20;
+pub const MAX_PAYLOAD: usize = (4 << 20) + (64 << 10);
 /// Largest encoded message accepted by [`Msg::decode`].
 pub const MAX_FRAME: usize = MAX_PAYLOAD + 4096;
 

@@ -674,14 +674,28 @@ pub fn run_overlay(opts: &OverlaySimOpts) -> OverlayReport {
 
 /// Runs [`run_overlay`] and prints its report: one JSON object, or a few
 /// readable lines.
-pub fn print_overlay(opts: &OverlaySimOpts, json: bool) {
+/// `capy sim`: prints the report; returns the exit code.
+pub fn print_overlay(opts: &OverlaySimOpts, json: bool) -> i32 {
+    if opts.nodes == 0 || opts.nodes > 2_000_000 {
+        eprintln!("capy: --nodes must be between 1 and 2000000");
+        return 2;
+    }
+    if !(0.0..1.0).contains(&opts.fail_fraction) {
+        eprintln!("capy: --fail-fraction must be at least 0 and below 1");
+        return 2;
+    }
     let r = run_overlay(opts);
     if json {
-        match serde_json::to_string(&r) {
-            Ok(s) => println!("{s}"),
-            Err(e) => eprintln!("error: cannot encode the report: {e}"),
-        }
-        return;
+        return match serde_json::to_string(&r) {
+            Ok(s) => {
+                println!("{s}");
+                0
+            }
+            Err(e) => {
+                eprintln!("capy: cannot encode the report: {e}");
+                1
+            }
+        };
     }
     let pct = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.2} %", v * 100.0));
     println!(
@@ -727,4 +741,5 @@ pub fn print_overlay(opts: &OverlaySimOpts, json: bool) {
         "time                  build {:.1} s, total {:.1} s, peak RSS {:.0} MB",
         r.build_seconds, r.total_seconds, r.peak_rss_mb
     );
+    0
 }
