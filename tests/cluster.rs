@@ -79,6 +79,23 @@ fn five_nodes_replicate_survive_sigkill_and_rejoin() {
     for n in 0..5 {
         check_all(&c, n, &acked);
     }
+    // Every node names the same root for a key, and that root holds it.
+    for k in ["key-1", "key-500", "key-999"] {
+        let roots: Vec<String> = (0..5)
+            .map(|n| {
+                let r = c
+                    .http(n, Method::GET, &format!("/api/root/{k}"), None)
+                    .expect("root");
+                assert_eq!(r.status, StatusCode::OK, "{}", r.message());
+                let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                v["root"]["name"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert!(
+            roots.iter().all(|r| r == &roots[0]),
+            "roots disagree for {k}: {roots:?}"
+        );
+    }
     // k = 3 copies of each key across the cluster.
     let copies: u64 = (0..5).map(|n| store_keys(&c, n)).sum();
     assert_eq!(copies, 3000, "expected 3 replicas per key");

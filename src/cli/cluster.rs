@@ -74,12 +74,17 @@ pub mod tempdir {
     }
 }
 
-/// A port the OS just handed out for both UDP and TCP. Another process may
-/// take it before the node binds it; nodes are started right after.
+/// A port free for both UDP and TCP right now, chosen below the kernel's
+/// ephemeral range (32768+) so that outgoing connections of other processes
+/// do not take it while a node is down between a kill and its restart.
 pub fn free_port() -> std::io::Result<u16> {
-    for _ in 0..100 {
-        let u = UdpSocket::bind("127.0.0.1:0")?;
-        let port = u.local_addr()?.port();
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rng.gen_range(20_000..32_000);
+        let Ok(_u) = UdpSocket::bind(("127.0.0.1", port)) else {
+            continue;
+        };
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);
         }

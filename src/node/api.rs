@@ -73,6 +73,18 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Resp {
             };
             kv(node, method, &bucket, &key, req).await
         }
+        (Method::GET, p) if p.starts_with("/api/root/") => {
+            let key = match http::percent_decode(&p["/api/root/".len()..]) {
+                Ok(k) if !k.is_empty() => k,
+                Ok(_) => return http::error(StatusCode::BAD_REQUEST, "empty key"),
+                Err(e) => return http::error(StatusCode::BAD_REQUEST, &e),
+            };
+            let bucket = match bucket_of(&req) {
+                Ok(b) => b,
+                Err(e) => return http::error(StatusCode::BAD_REQUEST, &e),
+            };
+            root_of(node, &bucket, &key).await
+        }
         (_, "/" | "/api/status" | "/metrics") => http::error(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{method} is not allowed on {path}"),
@@ -124,5 +136,29 @@ async fn kv(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{m} is not allowed on /api/kv/"),
         ),
+    }
+}
+
+/// `GET /api/root/{key}`: which node is the key's root right now.
+async fn root_of(node: Arc<Node>, bucket: &str, key: &str) -> Resp {
+    let id = crate::id::NodeId::for_key(bucket, key);
+    let call = super::calls::Call::Whois { key: id };
+    match node
+        .call_root(id, call, std::time::Duration::from_secs(10))
+        .await
+    {
+        Ok(bytes) => match postcard::from_bytes::<super::calls::RootInfo>(&bytes) {
+            Ok(info) => http::json(
+                StatusCode::OK,
+                &json!({
+                    "bucket": bucket,
+                    "key": key,
+                    "ring_id": id.to_string(),
+                    "root": { "name": info.name, "zone": info.zone, "vnode": info.vnode.to_string(), "addr": info.addr.to_string() },
+                }),
+            ),
+            Err(e) => http::error(StatusCode::BAD_GATEWAY, &format!("undecodable answer: {e}")),
+        },
+        Err(e) => op_error(e),
     }
 }

@@ -4,6 +4,7 @@
 //! signals. The cores never see a socket or a clock; this module feeds them.
 
 pub mod api;
+pub mod calls;
 pub mod config;
 pub mod metrics;
 pub mod peers;

@@ -3,6 +3,7 @@
 //! carries out what they ask. All cores sit behind one mutex that is only
 //! held while a core runs, never across an await.
 
+use super::calls::Call;
 use super::config::NodeConfig;
 use super::metrics::Metrics;
 use crate::id::{Micros, NodeHandle, NodeId};
@@ -29,12 +30,27 @@ const _: () = assert!(overlay::MAX_FRAME <= crate::store::replica::MAX_MSG + 64 
 pub enum Wire {
     Overlay(overlay::Msg),
     Store(StoreMsg),
+    /// A request to this very node (see `calls`).
+    Call {
+        req: u64,
+        call: Call,
+    },
+    /// The answer to a `Call`, routed or direct.
+    CallReply {
+        req: u64,
+        result: Result<Vec<u8>, String>,
+    },
 }
 
 /// What travels inside an overlay-routed message, opaque to the overlay.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Routed {
     Store(StoreMsg),
+    /// A request for whichever node is the key's root.
+    Call {
+        req: u64,
+        call: Call,
+    },
 }
 
 impl Wire {
@@ -42,6 +58,8 @@ impl Wire {
         match self {
             Wire::Overlay(_) => "overlay",
             Wire::Store(_) => "store",
+            Wire::Call { .. } => "call",
+            Wire::CallReply { .. } => "call_reply",
         }
     }
 }
@@ -88,7 +106,7 @@ pub(crate) struct Cores {
 
 impl Cores {
     /// The local vnode closest to `key`: the best place to start routing.
-    fn nearest_vnode(&self, key: NodeId) -> Option<NodeId> {
+    pub(crate) fn nearest_vnode(&self, key: NodeId) -> Option<NodeId> {
         let mut best: Option<NodeId> = None;
         for id in self.vnodes.keys() {
             best = match best {
@@ -154,12 +172,12 @@ enum Work {
 }
 
 #[derive(Default)]
-struct Ctx {
+pub(crate) struct Ctx {
     queue: VecDeque<Work>,
     effects: Vec<Effect>,
 }
 
-enum Effect {
+pub(crate) enum Effect {
     Send {
         from: NodeId,
         to: NodeHandle,
@@ -175,6 +193,12 @@ enum Effect {
     },
     Joined(NodeId),
     LeafSetChanged,
+    /// Serve a call and answer `origin`.
+    Serve {
+        origin: NodeHandle,
+        req: u64,
+        call: Call,
+    },
 }
 
 pub struct Node {
@@ -189,10 +213,11 @@ pub struct Node {
     pub metrics: Metrics,
     pub(crate) cores: Mutex<Cores>,
     pending: Mutex<HashMap<u64, async_channel::Sender<Outcome>>>,
-    next_req: AtomicU64,
+    pub(crate) calls: Mutex<HashMap<u64, async_channel::Sender<Result<Vec<u8>, String>>>>,
+    pub(crate) next_req: AtomicU64,
     epoch: Instant,
     stopping: AtomicBool,
-    identity_vnodes: Vec<NodeId>,
+    pub(crate) identity_vnodes: Vec<NodeId>,
 }
 
 /// Wall-clock microseconds: the replication core compares tombstone ages
@@ -245,6 +270,7 @@ impl Node {
             metrics: Metrics::default(),
             cores: Mutex::new(Cores { vnodes, replica }),
             pending: Mutex::new(HashMap::new()),
+            calls: Mutex::new(HashMap::new()),
             next_req: AtomicU64::new(1),
             epoch: Instant::now(),
             stopping: AtomicBool::new(false),
@@ -280,7 +306,7 @@ impl Node {
     /// Runs `f` on the cores, then everything it leads to on this node (a
     /// message between two of our vnodes, a routed message delivered here),
     /// all under one lock; then carries out the effects outside it.
-    fn drive(self: &Arc<Self>, f: impl FnOnce(&Self, &mut Cores, &mut Ctx)) {
+    pub(crate) fn drive(self: &Arc<Self>, f: impl FnOnce(&Self, &mut Cores, &mut Ctx)) {
         let effects = {
             let mut guard = self.lock();
             let cores = &mut *guard;
@@ -310,7 +336,7 @@ impl Node {
         self.apply(effects);
     }
 
-    fn overlay_actions(
+    pub(crate) fn overlay_actions(
         &self,
         cores: &mut Cores,
         vnode: NodeId,
@@ -348,6 +374,9 @@ impl Node {
                     match postcard::from_bytes::<Routed>(&payload) {
                         Ok(Routed::Store(msg)) => {
                             ctx.queue.push_back(Work::Store { from: origin, msg })
+                        }
+                        Ok(Routed::Call { req, call }) => {
+                            ctx.effects.push(Effect::Serve { origin, req, call })
                         }
                         Err(e) => tracing::warn!(from = ?origin, "undecodable routed message: {e}"),
                     }
@@ -454,6 +483,7 @@ impl Node {
                     maintenance = true;
                 }
                 Effect::LeafSetChanged => maintenance = true,
+                Effect::Serve { origin, req, call } => self.spawn_serve(origin, req, call),
             }
         }
         if maintenance {
@@ -461,7 +491,7 @@ impl Node {
         }
     }
 
-    fn spawn_send(self: &Arc<Self>, from: NodeId, to: NodeHandle, wire: Wire) {
+    pub(crate) fn spawn_send(self: &Arc<Self>, from: NodeId, to: NodeHandle, wire: Wire) {
         let kind = wire.kind();
         let body = match postcard::to_allocvec(&wire) {
             Ok(b) => b,
@@ -526,6 +556,14 @@ impl Node {
                         continue;
                     }
                     Work::Store { from, msg }
+                }
+                Wire::Call { req, call } => {
+                    self.spawn_serve(from, req, call);
+                    continue;
+                }
+                Wire::CallReply { req, result } => {
+                    self.complete_call(req, result);
+                    continue;
                 }
             };
             self.drive(|_, _, ctx| ctx.queue.push_back(work));
