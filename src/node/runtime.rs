@@ -99,6 +99,9 @@ impl From<RemoteError> for OpError {
     }
 }
 
+/// Where the answer to one outstanding call goes.
+pub(crate) type CallWaiter = async_channel::Sender<Result<Vec<u8>, String>>;
+
 pub(crate) struct Cores {
     pub vnodes: BTreeMap<NodeId, Pastry>,
     pub replica: Replicator,
@@ -213,7 +216,7 @@ pub struct Node {
     pub metrics: Metrics,
     pub(crate) cores: Mutex<Cores>,
     pending: Mutex<HashMap<u64, async_channel::Sender<Outcome>>>,
-    pub(crate) calls: Mutex<HashMap<u64, async_channel::Sender<Result<Vec<u8>, String>>>>,
+    pub(crate) calls: Mutex<HashMap<u64, CallWaiter>>,
     pub(crate) next_req: AtomicU64,
     epoch: Instant,
     stopping: AtomicBool,
