@@ -4,6 +4,7 @@
 //! signals. The cores never see a socket or a clock; this module feeds them.
 
 pub mod api;
+pub mod boards;
 pub mod calls;
 pub mod config;
 pub mod metrics;
@@ -24,12 +25,31 @@ use std::time::Duration;
 
 pub use runtime::OpError;
 
-/// Defaults, then the config file, then flags.
+/// Defaults, then the board profile (named by `--board` or the file's
+/// `board =`), then the config file, then flags.
 pub fn resolve_config(args: &RunArgs) -> Result<NodeConfig, String> {
-    let mut cfg = match &args.config {
-        Some(p) => NodeConfig::from_file(p).map_err(|e| e.to_string())?,
-        None => NodeConfig::default(),
+    let table = match &args.config {
+        Some(p) => Some((p, NodeConfig::read_table(p).map_err(|e| e.to_string())?)),
+        None => None,
     };
+    let mut cfg = NodeConfig::default();
+    let board = match (
+        &args.board,
+        table.as_ref().and_then(|(_, t)| t.get("board")),
+    ) {
+        (Some(b), _) => Some(b.clone()),
+        (None, Some(toml::Value::String(b))) => Some(b.clone()),
+        (None, Some(other)) => return Err(format!("board = {other}: expected a board name")),
+        (None, None) => None,
+    };
+    if let Some(b) = board {
+        boards::get(&b).map_err(|e| e.to_string())?.apply(&mut cfg);
+    }
+    if let Some((p, t)) = table {
+        cfg = cfg
+            .overlay(t)
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+    }
     if let Some(d) = &args.data {
         cfg.data = Some(d.clone());
     }
