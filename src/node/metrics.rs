@@ -171,6 +171,17 @@ impl Metrics {
         self.route_hops[i].fetch_add(1, Relaxed);
     }
 
+    /// Mean overlay hops of the routed messages delivered here.
+    pub fn mean_hops(&self) -> Option<f64> {
+        let (mut n, mut sum) = (0u64, 0u64);
+        for (i, c) in self.route_hops.iter().enumerate() {
+            let c = c.load(Relaxed);
+            n += c;
+            sum += c * i as u64;
+        }
+        (n > 0).then(|| sum as f64 / n as f64)
+    }
+
     /// One handler callback of `app` that took `us` and succeeded or not.
     pub fn record_handler(&self, app: &str, us: u64, ok: bool) {
         self.handler_runs.inc(app);
