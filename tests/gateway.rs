@@ -577,3 +577,96 @@ fn status_page_in_headless_chromium_shows_live_values() {
         "screenshot"
     );
 }
+
+// ---- packaging ----------------------------------------------------------------
+
+/// `scripts/package` lays out what an operator installs: binary, unit,
+/// sysusers, podman drop-in, a config that names the board, the profile and
+/// the install note; the .deb holds the same and its config resolves.
+#[test]
+fn package_holds_what_an_operator_installs() {
+    let out = tempfile::tempdir().unwrap();
+    // The layout is under test, not the binary: a stand-in keeps the
+    // compression of a 100+ MiB debug build out of the test's time.
+    let stub = out.path().join("capy-stub");
+    std::fs::write(&stub, "#!/bin/sh\necho capy stand-in\n").unwrap();
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let st = Command::new(repo().join("scripts/package"))
+        .arg("gateway-a64")
+        .env("CAPY_PACKAGE_BIN", &stub)
+        .env("CAPY_PACKAGE_OUT", out.path())
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let printed = String::from_utf8_lossy(&st.stdout);
+    let v = env!("CARGO_PKG_VERSION");
+    let tar = out.path().join(format!("capy-{v}-gateway-a64.tar.gz"));
+    let deb = out.path().join(format!("capy_{v}_arm64.deb"));
+    assert!(printed.contains(&*tar.to_string_lossy()), "{printed}");
+    assert!(printed.contains(&*deb.to_string_lossy()), "{printed}");
+
+    let list = Command::new("tar").arg("tzf").arg(&tar).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    let dir = format!("capy-{v}-gateway-a64");
+    for f in [
+        "INSTALL",
+        "install.sh",
+        "rootfs/usr/bin/capy",
+        "rootfs/usr/lib/systemd/system/capy.service",
+        "rootfs/usr/lib/sysusers.d/capy.conf",
+        "rootfs/etc/systemd/system/podman.socket.d/capy.conf",
+        "rootfs/etc/capy/capy.toml",
+        "rootfs/usr/share/capy/boards/gateway-a64.toml",
+    ] {
+        assert!(
+            list.contains(&format!("{dir}/{f}\n")),
+            "{f} missing:\n{list}"
+        );
+    }
+    let contents = Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let contents = String::from_utf8_lossy(&contents.stdout);
+    for f in [
+        "./usr/bin/capy",
+        "./usr/lib/systemd/system/capy.service",
+        "./etc/capy/capy.toml",
+        "./usr/share/doc/capy/INSTALL",
+    ] {
+        assert!(
+            contents.contains(f),
+            "{f} missing from the .deb:\n{contents}"
+        );
+    }
+    let info = Command::new("dpkg-deb")
+        .arg("-f")
+        .arg(&deb)
+        .arg("Architecture")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), "arm64");
+
+    // The shipped config resolves to the board's settings.
+    let stage = out.path().join(&dir);
+    let args = capy::cli::RunArgs {
+        config: Some(stage.join("rootfs/etc/capy/capy.toml")),
+        ..Default::default()
+    };
+    let cfg = capy::node::resolve_config(&args).unwrap();
+    assert_eq!(cfg.board.as_deref(), Some("gateway-a64"));
+    assert_eq!(cfg.storage_limit, Some(128 << 30));
+    assert_eq!(cfg.max_vnodes, Some(128));
+    assert_eq!(cfg.data, Some(PathBuf::from("/var/lib/capy")));
+    let note = std::fs::read_to_string(stage.join("INSTALL")).unwrap();
+    assert!(
+        note.contains("capy ca issue") && note.contains("systemctl start capy"),
+        "{note}"
+    );
+}
