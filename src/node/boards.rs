@@ -262,6 +262,47 @@ mod tests {
     }
 
     #[test]
+    fn layers_defaults_board_file_flags() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("capy.toml");
+        std::fs::write(&file, "board = \"x86-edge\"\nstorage_limit = \"1 MiB\"\n").unwrap();
+        let args = crate::cli::RunArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        let c = super::super::resolve_config(&args).unwrap();
+        assert_eq!(c.board.as_deref(), Some("x86-edge"));
+        assert_eq!(c.max_vnodes, Some(256), "from the board");
+        assert_eq!(c.storage_limit, Some(1 << 20), "the file over the board");
+        // A --board flag picks the board; the file's keys still win over it,
+        // and flags over both.
+        let args = crate::cli::RunArgs {
+            config: Some(file.clone()),
+            board: Some("rpi3".into()),
+            data: Some(d.path().join("data")),
+            ..Default::default()
+        };
+        let c = super::super::resolve_config(&args).unwrap();
+        assert_eq!(c.board.as_deref(), Some("rpi3"));
+        assert_eq!(c.max_vnodes, Some(32));
+        assert_eq!(c.storage_limit, Some(1 << 20));
+        assert_eq!(c.data, Some(d.path().join("data")));
+        // No board: nothing of a board's is set.
+        let c = super::super::resolve_config(&Default::default()).unwrap();
+        assert_eq!((c.board, c.storage_limit, c.max_vnodes), (None, None, None));
+        std::fs::write(&file, "board = 4\n").unwrap();
+        let args = crate::cli::RunArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        let e = super::super::resolve_config(&args).unwrap_err();
+        assert!(e.contains("board = 4"), "{e}");
+        std::fs::write(&file, "board = \"pi\"\n").unwrap();
+        let e = super::super::resolve_config(&args).unwrap_err();
+        assert!(e.contains("unknown board \"pi\""), "{e}");
+    }
+
+    #[test]
     fn apply_sets_the_board_values() {
         let mut c = NodeConfig::default();
         get("rpi3").unwrap().apply(&mut c);
