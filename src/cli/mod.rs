@@ -73,6 +73,14 @@ pub enum Cmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Show the vnode count, pin it (`capy vnodes 4`) or let the vnode game
+    /// decide (`capy vnodes auto`).
+    Vnodes {
+        /// A count, or `auto`.
+        count: Option<String>,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
     /// Simulate the overlay (or the vnode game) in virtual time.
     Sim(SimArgs),
     /// Benchmarks that print their figures.
@@ -245,6 +253,7 @@ pub fn main() -> i32 {
         Some(Cmd::Get { key, out, c }) => client::get(&c, &key, out.as_deref()),
         Some(Cmd::Rm { key, c }) => client::rm(&c, &key),
         Some(Cmd::Status { json, c }) => client::status(&c, json),
+        Some(Cmd::Vnodes { count, c }) => client::vnodes(&c, count.as_deref()),
         Some(Cmd::Sim(s)) => client::sim(s),
         Some(Cmd::Bench(b)) => client::bench(b),
         Some(Cmd::Handler(HandlerCmd::Run {

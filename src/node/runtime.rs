@@ -40,6 +40,8 @@ pub enum Wire {
         req: u64,
         result: Result<Vec<u8>, String>,
     },
+    /// One round of the vnode game, between nodes' vnode 0.
+    Game(crate::game::GameMsg),
 }
 
 /// What travels inside an overlay-routed message, opaque to the overlay.
@@ -60,6 +62,7 @@ impl Wire {
             Wire::Store(_) => "store",
             Wire::Call { .. } => "call",
             Wire::CallReply { .. } => "call_reply",
+            Wire::Game(_) => "game",
         }
     }
 }
@@ -180,6 +183,12 @@ pub(crate) struct Ctx {
     effects: Vec<Effect>,
 }
 
+impl Ctx {
+    pub(crate) fn push_send(&mut self, from: NodeId, to: NodeHandle, wire: Wire) {
+        self.effects.push(Effect::Send { from, to, wire });
+    }
+}
+
 pub(crate) enum Effect {
     Send {
         from: NodeId,
@@ -221,6 +230,7 @@ pub struct Node {
     epoch: Instant,
     stopping: AtomicBool,
     pub(crate) identity_vnodes: Vec<NodeId>,
+    pub(crate) vnode_control: Mutex<super::vnodes::VnodeControl>,
 }
 
 /// Wall-clock microseconds: the replication core compares tombstone ages
@@ -278,8 +288,23 @@ impl Node {
             epoch: Instant::now(),
             stopping: AtomicBool::new(false),
             identity_vnodes: identity.vnode_ids().to_vec(),
+            vnode_control: Mutex::new(super::vnodes::VnodeControl::new(
+                identity.vnode_id(0),
+                cfg.capacity,
+                identity.max_vnodes().min(cfg.max_vnodes),
+                cfg.fleet,
+                if cfg.vnode_game {
+                    super::vnodes::Mode::Auto
+                } else {
+                    super::vnodes::Mode::Pinned(vnodes_n)
+                },
+            )),
             cfg,
         })
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     pub fn now(&self) -> Micros {
@@ -542,6 +567,9 @@ impl Node {
                 }
             };
             self.metrics.msgs_in.inc(wire.kind());
+            if let Some(&id0) = rcv.peer.vnode_ids().first() {
+                self.learn_peer(rcv.peer.addr, id0);
+            }
             let from = NodeHandle {
                 id: rcv.frame.from,
                 addr: rcv.peer.addr,
@@ -566,6 +594,10 @@ impl Node {
                 }
                 Wire::CallReply { req, result } => {
                     self.complete_call(req, result);
+                    continue;
+                }
+                Wire::Game(m) => {
+                    self.game_message(rcv.frame.from, m);
                     continue;
                 }
             };
