@@ -73,7 +73,7 @@ fn board_layers_apply_and_storage_limit_refuses_with_507() {
     let cfg = c.root.join("capy.toml");
     std::fs::write(
         &cfg,
-        "board = \"rpi3\"\nstorage_limit = \"2 KiB\"\nvnodes = 6\nmax_vnodes = 3\n",
+        "board = \"rpi3\"\nstorage_limit = \"2 KiB\"\nvnodes = 6\nmax_vnodes = 3\nvnode_game = false\n",
     )
     .unwrap();
     c.nodes[0].extra_args = vec!["--config".into(), cfg.display().to_string()];
@@ -514,7 +514,7 @@ fn status_page_in_headless_chromium_shows_live_values() {
         c.add_node(2, zone).unwrap();
     }
     let cfg = c.root.join("capy.toml");
-    std::fs::write(&cfg, "vnodes = 2\n").unwrap();
+    std::fs::write(&cfg, "vnodes = 2\nvnode_game = false\n").unwrap();
     for n in &mut c.nodes {
         n.extra_args = vec![
             "--board".into(),
@@ -662,7 +662,7 @@ fn package_holds_what_an_operator_installs() {
     let cfg = capy::node::resolve_config(&args).unwrap();
     assert_eq!(cfg.board.as_deref(), Some("gateway-a64"));
     assert_eq!(cfg.storage_limit, Some(128 << 30));
-    assert_eq!(cfg.max_vnodes, Some(128));
+    assert_eq!(cfg.max_vnodes, 64); // the profile's 128, within what certificates allow
     assert_eq!(cfg.data, Some(PathBuf::from("/var/lib/capy")));
     let note = std::fs::read_to_string(stage.join("INSTALL")).unwrap();
     assert!(

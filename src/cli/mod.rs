@@ -78,6 +78,14 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show the vnode count, pin it (`capy vnodes 4`) or let the vnode game
+    /// decide (`capy vnodes auto`).
+    Vnodes {
+        /// A count, or `auto`.
+        count: Option<String>,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
     /// Simulate the overlay (or the vnode game) in virtual time.
     Sim(SimArgs),
     /// Benchmarks that print their figures.
@@ -242,6 +250,9 @@ pub fn main() -> i32 {
             return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
         }
     };
+    if !matches!(cli.cmd, None | Some(Cmd::Run(_))) {
+        restore_sigpipe();
+    }
     match cli.cmd {
         None => crate::node::run_cmd(cli.run),
         Some(Cmd::Run(args)) => crate::node::run_cmd(args),
@@ -251,6 +262,7 @@ pub fn main() -> i32 {
         Some(Cmd::Rm { key, c }) => client::rm(&c, &key),
         Some(Cmd::Status { json, c }) => client::status(&c, json),
         Some(Cmd::Boards { json }) => crate::node::boards::list_cmd(json),
+        Some(Cmd::Vnodes { count, c }) => client::vnodes(&c, count.as_deref()),
         Some(Cmd::Sim(s)) => client::sim(s),
         Some(Cmd::Bench(b)) => client::bench(b),
         Some(Cmd::Handler(HandlerCmd::Run {
@@ -260,5 +272,18 @@ pub fn main() -> i32 {
             args,
         })) => crate::handlers::handler_run_cmd(&file, &event, state.as_deref(), args.as_deref()),
         Some(Cmd::CheckStore { path }) => crate::node::check_store_cmd(&path),
+    }
+}
+
+/// Lets `capy get KEY | head` end quietly when the reader goes away, as
+/// shell users expect, instead of failing on every later write. Only for
+/// the short-lived client commands: a node keeps SIGPIPE ignored.
+fn restore_sigpipe() {
+    // SAFETY: called from main before this process starts any thread (no
+    // executor, no runtime yet), so no other code can be changing signal
+    // dispositions concurrently; SIG_DFL is a valid disposition for SIGPIPE
+    // and `signal` has no other preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

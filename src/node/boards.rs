@@ -91,7 +91,10 @@ impl Board {
         cfg.board = Some(self.name.clone());
         cfg.data = Some(self.data_dir.clone());
         cfg.storage_limit = Some(self.storage_limit);
-        cfg.max_vnodes = Some(self.max_vnodes);
+        // Certificates grant at most transport::MAX_VNODES today; the
+        // profile's figure is also the game simulator's bound S_i.
+        cfg.max_vnodes = self.max_vnodes.min(crate::transport::MAX_VNODES);
+        cfg.capacity = self.capacity();
         cfg.podman_socket = Some(self.podman_socket.clone());
     }
 }
@@ -272,7 +275,11 @@ mod tests {
         };
         let c = super::super::resolve_config(&args).unwrap();
         assert_eq!(c.board.as_deref(), Some("x86-edge"));
-        assert_eq!(c.max_vnodes, Some(256), "from the board");
+        assert_eq!(
+            c.max_vnodes, 64,
+            "from the board, within what certificates allow"
+        );
+        assert!((c.capacity - get("x86-edge").unwrap().capacity()).abs() < 1e-12);
         assert_eq!(c.storage_limit, Some(1 << 20), "the file over the board");
         // A --board flag picks the board; the file's keys still win over it,
         // and flags over both.
@@ -284,12 +291,13 @@ mod tests {
         };
         let c = super::super::resolve_config(&args).unwrap();
         assert_eq!(c.board.as_deref(), Some("rpi3"));
-        assert_eq!(c.max_vnodes, Some(32));
+        assert_eq!(c.max_vnodes, 32);
         assert_eq!(c.storage_limit, Some(1 << 20));
         assert_eq!(c.data, Some(d.path().join("data")));
         // No board: nothing of a board's is set.
         let c = super::super::resolve_config(&Default::default()).unwrap();
-        assert_eq!((c.board, c.storage_limit, c.max_vnodes), (None, None, None));
+        assert_eq!((c.board, c.storage_limit), (None, None));
+        assert_eq!((c.max_vnodes, c.capacity), (64, 1.0));
         std::fs::write(&file, "board = 4\n").unwrap();
         let args = crate::cli::RunArgs {
             config: Some(file.clone()),
@@ -308,7 +316,8 @@ mod tests {
         get("rpi3").unwrap().apply(&mut c);
         assert_eq!(c.board.as_deref(), Some("rpi3"));
         assert_eq!(c.storage_limit, Some(8 << 30));
-        assert_eq!(c.max_vnodes, Some(32));
+        assert_eq!(c.max_vnodes, 32);
+        assert!((c.capacity - get("rpi3").unwrap().capacity()).abs() < 1e-12);
         assert_eq!(c.data, Some(PathBuf::from("/var/lib/capy")));
     }
 }

@@ -137,6 +137,7 @@ pub struct Metrics {
     /// idle one reused); wired by the functions integration. Both series
     /// are shown from the start (at 0).
     pub container_starts: Labeled,
+    pub vnode_changes: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -158,6 +159,7 @@ impl Default for Metrics {
             handler_errors: Labeled::default(),
             handler_latency: Histogram::default(),
             container_starts: Labeled::default(),
+            vnode_changes: AtomicU64::new(0),
         };
         m.container_starts.add("cold", 0);
         m.container_starts.add("warm", 0);
