@@ -73,6 +73,11 @@ pub enum Cmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// List the built-in board profiles (`capy run --board NAME`).
+    Boards {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the vnode count, pin it (`capy vnodes 4`) or let the vnode game
     /// decide (`capy vnodes auto`).
     Vnodes {
@@ -115,7 +120,7 @@ pub struct RunArgs {
     /// Configuration file (TOML).
     #[arg(long, env = "CAPY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Board profile to apply (see `boards/`).
+    /// Board profile to apply (`capy boards` lists them).
     #[arg(long)]
     pub board: Option<String>,
     /// Log filter, e.g. `info` or `capy=debug`.
@@ -256,6 +261,7 @@ pub fn main() -> i32 {
         Some(Cmd::Get { key, out, c }) => client::get(&c, &key, out.as_deref()),
         Some(Cmd::Rm { key, c }) => client::rm(&c, &key),
         Some(Cmd::Status { json, c }) => client::status(&c, json),
+        Some(Cmd::Boards { json }) => crate::node::boards::list_cmd(json),
         Some(Cmd::Vnodes { count, c }) => client::vnodes(&c, count.as_deref()),
         Some(Cmd::Sim(s)) => client::sim(s),
         Some(Cmd::Bench(b)) => client::bench(b),

@@ -28,6 +28,7 @@ fn op_error(e: OpError) -> Resp {
         OpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         OpError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         OpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        OpError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
     };
     http::error(status, &e.to_string())
 }

@@ -4,6 +4,7 @@
 //! signals. The cores never see a socket or a clock; this module feeds them.
 
 pub mod api;
+pub mod boards;
 pub mod calls;
 pub mod config;
 pub mod metrics;
@@ -25,12 +26,31 @@ use std::time::Duration;
 
 pub use runtime::OpError;
 
-/// Defaults, then the config file, then flags.
+/// Defaults, then the board profile (named by `--board` or the file's
+/// `board =`), then the config file, then flags.
 pub fn resolve_config(args: &RunArgs) -> Result<NodeConfig, String> {
-    let mut cfg = match &args.config {
-        Some(p) => NodeConfig::from_file(p).map_err(|e| e.to_string())?,
-        None => NodeConfig::default(),
+    let table = match &args.config {
+        Some(p) => Some((p, NodeConfig::read_table(p).map_err(|e| e.to_string())?)),
+        None => None,
     };
+    let mut cfg = NodeConfig::default();
+    let board = match (
+        &args.board,
+        table.as_ref().and_then(|(_, t)| t.get("board")),
+    ) {
+        (Some(b), _) => Some(b.clone()),
+        (None, Some(toml::Value::String(b))) => Some(b.clone()),
+        (None, Some(other)) => return Err(format!("board = {other}: expected a board name")),
+        (None, None) => None,
+    };
+    if let Some(b) = board {
+        boards::get(&b).map_err(|e| e.to_string())?.apply(&mut cfg);
+    }
+    if let Some((p, t)) = table {
+        cfg = cfg
+            .overlay(t)
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+    }
     if let Some(d) = &args.data {
         cfg.data = Some(d.clone());
     }
@@ -270,18 +290,27 @@ async fn wait_for_signal() {
 /// `GET /api/status`.
 pub fn status_json(node: &Node) -> serde_json::Value {
     let cores = node.lock();
-    let mut peers: Vec<serde_json::Value> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    // Peers are other gateways: one row per address, with the vnodes of it
+    // this node knows and the best RTT measured to any of them.
+    let mut by_addr: std::collections::BTreeMap<
+        SocketAddr,
+        (crate::id::NodeId, Vec<crate::id::NodeId>, u64),
+    > = std::collections::BTreeMap::new();
     let mut vnodes = Vec::new();
     let mut min_leaf = usize::MAX;
     for p in cores.vnodes.values() {
         let leaf = p.leaf_set();
         min_leaf = min_leaf.min(leaf.len());
         for (h, rtt) in p.neighbours() {
-            if seen.insert(h.id) {
-                peers.push(
-                    json!({ "id": h.id.to_string(), "addr": h.addr.to_string(), "rtt_us": rtt }),
-                );
+            if h.addr == node.quic {
+                continue;
+            }
+            let e = by_addr.entry(h.addr).or_insert((h.id, Vec::new(), rtt));
+            if !e.1.contains(&h.id) {
+                e.1.push(h.id);
+            }
+            if rtt < e.2 {
+                e.2 = rtt;
             }
         }
         vnodes.push(json!({
@@ -291,6 +320,17 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "routing_fill": p.routing_fill(),
         }));
     }
+    let mut peers: Vec<(u64, serde_json::Value)> = by_addr
+        .into_iter()
+        .map(|(addr, (id, ids, rtt))| {
+            (
+                rtt,
+                json!({ "addr": addr.to_string(), "id": id.to_string(), "vnodes": ids.len(), "rtt_us": rtt }),
+            )
+        })
+        .collect();
+    peers.sort_by_key(|p| p.0);
+    let peers: Vec<serde_json::Value> = peers.into_iter().map(|p| p.1).collect();
     let joined = cores.vnodes.values().all(|p| p.joined());
     let rstats = cores.replica.stats();
     drop(cores);
@@ -312,6 +352,8 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "quic": node.quic.to_string(),
             "http": node.http.lock().ok().and_then(|h| *h).map(|h| h.to_string()),
             "version": env!("CARGO_PKG_VERSION"),
+            "board": node.cfg.board,
+            "arch": std::env::consts::ARCH,
         },
         "uptime_s": node.uptime().as_secs(),
         "joined": joined,
@@ -324,8 +366,10 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "keys": keys,
             "bytes": bytes,
             "buckets": buckets,
+            "limit": node.cfg.storage_limit,
             "replicas": node.cfg.replicas,
             "replication": format!("{rstats:?}"),
+            "replication_lag_p50_us": m.replication_lag.quantile_us(0.5),
         },
         "traffic": {
             "messages_in": m.msgs_in.snapshot().iter().map(|(_, v)| v).sum::<u64>(),
@@ -336,7 +380,13 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "deletes": m.store_ops.get("delete"),
             "put_p50_us": m.put_latency.quantile_us(0.5),
             "get_p50_us": m.get_latency.quantile_us(0.5),
+            "routed_delivered": m.route_hops.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>(),
+            "route_hops_mean": m.mean_hops(),
         },
+        // Filled in by the handlers and functions integrations; the page
+        // shows what they hold.
+        "apps": [],
+        "containers": [],
     })
 }
 

@@ -78,6 +78,9 @@ pub enum OpError {
     Timeout(String),
     #[error("{0}")]
     Internal(String),
+    /// The node's storage limit (board profile or config) would be passed.
+    #[error("{0}")]
+    Full(String),
 }
 
 impl From<StoreError> for OpError {
@@ -243,7 +246,8 @@ impl Node {
         advertise: SocketAddr,
         db: Db,
     ) -> Arc<Node> {
-        let vnodes_n = cfg.vnodes.min(identity.max_vnodes()).max(1);
+        let max_vnodes = identity.max_vnodes().min(cfg.max_vnodes);
+        let vnodes_n = cfg.vnodes.min(max_vnodes).max(1);
         let ocfg = overlay::Config {
             leaf_set_size: cfg.leaf_set,
             ..overlay::Config::default()
@@ -267,7 +271,7 @@ impl Node {
         Arc::new(Node {
             name: identity.name().to_string(),
             zone: identity.zone().to_string(),
-            max_vnodes: identity.max_vnodes(),
+            max_vnodes,
             quic: advertise,
             http: Mutex::new(None),
             transport,
@@ -475,12 +479,14 @@ impl Node {
                     let node = self.clone();
                     smol::spawn(async move {
                         let t = Instant::now();
+                        let written = super::metrics::replica_writes(&ops, &node.identity_vnodes);
                         let res = node.db.commit(ops).await;
                         node.metrics
                             .commit_latency
                             .record_us(t.elapsed().as_micros() as u64);
-                        if let Err(e) = &res {
-                            tracing::error!("store commit failed: {e}");
+                        match &res {
+                            Ok(()) => node.metrics.record_replication_lag(&written, wall_us()),
+                            Err(e) => tracing::error!("store commit failed: {e}"),
                         }
                         node.drive(|n, cores, ctx| {
                             let acts =
@@ -814,6 +820,9 @@ impl Node {
         let t = Instant::now();
         let op = if value.is_some() { "put" } else { "delete" };
         let mut last = None;
+        if let Some(v) = &value {
+            super::boards::check_storage(self, v.len() as u64)?;
+        }
         // A silent root is retried once: the overlay may have just lost it.
         for attempt in 0..2 {
             let (req, rx) = self.register();
