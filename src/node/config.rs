@@ -28,6 +28,8 @@ pub struct NodeConfig {
     pub vnodes: u32,
     /// Largest value a put may carry, in bytes.
     pub max_value: usize,
+    /// `[functions]`: podman, keep-alive, container limits.
+    pub functions: super::functions::FunctionsConfig,
 }
 
 impl Default for NodeConfig {
@@ -44,6 +46,7 @@ impl Default for NodeConfig {
             leaf_set: 24,
             vnodes: 1,
             max_value: crate::store::MAX_VALUE,
+            functions: Default::default(),
         }
     }
 }
@@ -98,6 +101,7 @@ impl NodeConfig {
                 crate::store::MAX_VALUE
             )));
         }
+        self.functions.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod calls;
 pub mod config;
+pub mod functions;
 pub mod metrics;
 pub mod peers;
 pub mod runtime;
@@ -50,6 +51,9 @@ pub fn resolve_config(args: &RunArgs) -> Result<NodeConfig, String> {
     }
     if let Some(l) = &args.log {
         cfg.log = l.clone();
+    }
+    if let Some(s) = &args.podman_socket {
+        cfg.functions.podman_socket = s.clone();
     }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
@@ -163,6 +167,7 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     smol::spawn(node.clone().tick_loop()).detach();
     smol::spawn(node.clone().remember_peers_loop()).detach();
     smol::spawn(node.clone().join_loop(join)).detach();
+    smol::spawn(node.clone().functions_loop()).detach();
     let api: Arc<dyn crate::http::Handler> = Arc::new(api::Api(node.clone()));
     smol::spawn(async move {
         if let Err(e) = crate::http::serve(http_listener, api).await {
@@ -192,6 +197,7 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     tracing::info!("stopping: leaving the overlay");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     node.leave().await;
+    node.functions_shutdown().await;
     Ok(())
 }
 
@@ -333,6 +339,8 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "put_p50_us": m.put_latency.quantile_us(0.5),
             "get_p50_us": m.get_latency.quantile_us(0.5),
         },
+        "functions": functions::status_json(node),
+        "containers": functions::containers_json(node),
     })
 }
 
@@ -356,7 +364,7 @@ pub fn metrics_text(node: &Node) -> String {
             bytes += s.bytes;
         }
     }
-    node.metrics.render(&[
+    let mut out = node.metrics.render(&[
         ("capy_vnodes", "Vnodes this node runs.", vnodes as f64),
         (
             "capy_leaf_set_size",
@@ -383,5 +391,7 @@ pub fn metrics_text(node: &Node) -> String {
             "Seconds since the node started.",
             node.uptime().as_secs_f64(),
         ),
-    ])
+    ]);
+    out.push_str(&functions::metrics_text(node));
+    out
 }

@@ -221,6 +221,7 @@ pub struct Node {
     epoch: Instant,
     stopping: AtomicBool,
     pub(crate) identity_vnodes: Vec<NodeId>,
+    pub functions: super::functions::Functions,
 }
 
 /// Wall-clock microseconds: the replication core compares tombstone ages
@@ -278,6 +279,12 @@ impl Node {
             epoch: Instant::now(),
             stopping: AtomicBool::new(false),
             identity_vnodes: identity.vnode_ids().to_vec(),
+            functions: super::functions::Functions::new(
+                &cfg.functions,
+                &cfg.data_dir(),
+                identity.name(),
+                identity.vnode_id(0),
+            ),
             cfg,
         })
     }
