@@ -1024,7 +1024,7 @@ impl Node {
             });
             f.forwarded_out.fetch_add(1, Ordering::Relaxed);
             let r = match self.call_node(to, call, rec.timeout() + CALL_SLACK).await {
-                Ok(bytes) => decode::<Result<FnOk, FnFail>>(&bytes).and_then(|r| r),
+                Ok(bytes) => decode::<FnOk>(&bytes),
                 // The neighbour may have run it: do not run it twice.
                 Err(e) => return Some(Err(op_fail("the neighbour it was forwarded to", e))),
             };
