@@ -628,6 +628,20 @@ fn bad_functions_fail_clearly_busy_roots_forward_and_nothing_else_is_affected() 
         !info["root"]["helpers"].as_array().unwrap().is_empty(),
         "{info}"
     );
+
+    // A node stopped gracefully removes its containers.
+    let had: Vec<usize> = (0..3)
+        .filter(|&i| !Cleanup::containers(&clean.labels[i]).is_empty())
+        .collect();
+    assert!(had.len() >= 2, "containers on {had:?}");
+    let mut c = c;
+    for &i in &had {
+        c.stop(i);
+        assert!(
+            Cleanup::containers(&clean.labels[i]).is_empty(),
+            "node {i} left containers behind after a graceful stop"
+        );
+    }
 }
 
 #[test]

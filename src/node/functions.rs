@@ -68,6 +68,8 @@ const GRIND_TRIES: u32 = 1 << 16;
 /// How long a node trusts a manifest it read before reading it again
 /// (deploys and removals also tell the root at once).
 const RECORD_TTL: Duration = Duration::from_secs(2);
+/// Up to this age a cached manifest is still used while it is read again.
+const RECORD_STALE: Duration = Duration::from_secs(60);
 /// Manifests and manifest keys remembered at most (hostile names cannot
 /// grow the caches without bound).
 const CACHE_MAX: usize = 4096;
@@ -674,8 +676,9 @@ impl Node {
         key
     }
 
-    /// The function's manifest: cached for [`RECORD_TTL`], else read from
-    /// the store. `None`: not deployed.
+    /// The function's manifest: cached for [`RECORD_TTL`] (and served up
+    /// to [`RECORD_STALE`] while it is read again), else read from the
+    /// store. `None`: not deployed.
     pub async fn fn_record(
         self: &Arc<Self>,
         app: &str,
@@ -689,10 +692,37 @@ impl Node {
             .ok()
             .and_then(|m| m.get(&k).cloned())
         {
-            if at.elapsed() < RECORD_TTL {
+            let age = at.elapsed();
+            if age < RECORD_TTL {
+                return Ok(Some(r));
+            }
+            if age < RECORD_STALE {
+                // Serve it and read it again in the background, so a warm
+                // invocation never waits for the store; marked fresh now
+                // so one reader refreshes it.
+                if let Ok(mut m) = self.functions.records.lock() {
+                    m.insert(k.clone(), (r.clone(), Instant::now()));
+                }
+                let (node, app, name) = (self.clone(), app.to_string(), name.to_string());
+                smol::spawn(async move {
+                    if let Err(e) = node.read_record(&app, &name).await {
+                        tracing::debug!("{app}/{name}: refreshing the manifest: {e}");
+                    }
+                })
+                .detach();
                 return Ok(Some(r));
             }
         }
+        self.read_record(app, name).await
+    }
+
+    /// Reads the manifest from the store into the cache.
+    async fn read_record(
+        self: &Arc<Self>,
+        app: &str,
+        name: &str,
+    ) -> Result<Option<FnRecord>, FnFail> {
+        let k = (app.to_string(), name.to_string());
         let key = self.manifest_key(app, name).await;
         let v = self
             .get(bucket(app), &key)
@@ -1579,8 +1609,7 @@ impl Node {
         app: &str,
         name: &str,
     ) -> Result<Option<FnRecord>, FnFail> {
-        self.functions.forget(&(app.to_string(), name.to_string()));
-        self.fn_record(app, name).await
+        self.read_record(app, name).await
     }
 
     async fn tell_root(self: &Arc<Self>, app: &str, name: &str) {
