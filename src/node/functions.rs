@@ -831,6 +831,12 @@ impl Node {
         let bytes = self
             .call_root(fn_ring(app, name), Call::Fn(call), timeout)
             .await
+            .map_err(|e| match e {
+                // Names were checked: a refusal to route is this node's
+                // state (not joined yet), not the caller's fault.
+                OpError::Invalid(m) => OpError::Unavailable(m),
+                e => e,
+            })
             .map_err(|e| op_fail("the function's root", e))?;
         decode(&bytes)
     }
@@ -856,7 +862,12 @@ impl Node {
             FnCall::Changed { app, name } => {
                 self.functions.forget(&k);
                 let r = match names {
-                    Ok(()) => Ok(self.functions.current().undeploy(&app, &name).await),
+                    Ok(()) => {
+                        if let Ok(None) = self.read_record(&app, &name).await {
+                            self.functions.set_managed(&k, false);
+                        }
+                        Ok(self.functions.current().undeploy(&app, &name).await)
+                    }
                     Err(e) => Err(e),
                 };
                 encode(&r)
@@ -1506,7 +1517,7 @@ fn too_large_image(len: u64, max: u64) -> FnFail {
 impl Node {
     /// Stores a checked archive file as chunks, then the manifest; tells
     /// the root; removes the chunks of the image it replaces.
-    pub async fn deploy_archive(
+    pub(crate) async fn deploy_archive(
         self: &Arc<Self>,
         app: &str,
         name: &str,
@@ -1880,6 +1891,53 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         "deploys": f.deploys.load(Ordering::Relaxed),
         "apps": stats,
     })
+}
+
+/// The functions' lines of `capy status`.
+pub fn render_text(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let f = &v["functions"];
+    let mut o = String::new();
+    if f.is_null() {
+        return o;
+    }
+    if f["available"] == true {
+        let _ = writeln!(
+            o,
+            "functions podman at {}, keep-alive {} s",
+            f["podman_socket"].as_str().unwrap_or("?"),
+            f["keep_alive_s"]
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "functions unavailable: {}",
+            f["unavailable_reason"].as_str().unwrap_or("?")
+        );
+    }
+    if let Some(apps) = f["apps"].as_object() {
+        for (app, s) in apps {
+            let _ = writeln!(
+                o,
+                "  {app:<24} {} cold, {} warm, {} errors, {:.0} s idle, {} containers",
+                s["cold_starts"],
+                s["warm_starts"],
+                s["errors"],
+                s["idle_seconds"].as_f64().unwrap_or(0.0),
+                s["containers"]
+            );
+        }
+    }
+    for c in v["containers"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  {:<24} {} {:.0} s idle",
+            c["function"].as_str().unwrap_or("?"),
+            c["state"].as_str().unwrap_or("?"),
+            c["idle_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    o
 }
 
 /// A per-app series: name, type, help, value.
