@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod peers;
 pub mod runtime;
 pub mod status;
+pub mod vnodes;
 
 use crate::cli::{RunArgs, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use crate::store::Db;
@@ -168,6 +169,8 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     smol::spawn(node.clone().remember_peers_loop()).detach();
     smol::spawn(node.clone().join_loop(join)).detach();
     smol::spawn(node.clone().functions_loop()).detach();
+    let round = Duration::from_secs_f64(node.cfg.game_round_s);
+    smol::spawn(node.clone().game_loop(round)).detach();
     let api: Arc<dyn crate::http::Handler> = Arc::new(api::Api(node.clone()));
     smol::spawn(async move {
         if let Err(e) = crate::http::serve(http_listener, api).await {
@@ -322,6 +325,7 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         "leaf_set_size": if min_leaf == usize::MAX { 0 } else { min_leaf },
         "leaf_set_capacity": node.cfg.leaf_set,
         "peers": peers,
+        "game": node.vnode_status(),
         "store": {
             "keys": keys,
             "bytes": bytes,
