@@ -151,6 +151,8 @@ fn cluster(n: usize, config: &str, socket: Option<&str>) -> (LocalCluster, Clean
     )
 }
 
+/// One request with a generous timeout (cold starts on a loaded machine);
+/// on no answer, the nodes' logs say why.
 fn call(
     c: &LocalCluster,
     i: usize,
@@ -158,9 +160,19 @@ fn call(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> (StatusCode, Value) {
-    let r = c
-        .http(i, method.clone(), path, body)
-        .unwrap_or_else(|e| panic!("{method} {path} on node {i}: {e}"));
+    let url = format!("{}{path}", c.nodes[i].url());
+    let r = smol::block_on(capy::http::call(
+        &url,
+        method.clone(),
+        body.map(|b| (b, "application/octet-stream")),
+        Duration::from_secs(120),
+    ))
+    .unwrap_or_else(|e| {
+        let logs: Vec<String> = (0..c.nodes.len())
+            .map(|n| format!("--- node {n} ---\n{}", c.log_tail(n, 30)))
+            .collect();
+        panic!("{method} {path} on node {i}: {e}\n{}", logs.join("\n"))
+    });
     let v = serde_json::from_slice(&r.body).unwrap_or_else(|_| json!(r.message()));
     (r.status, v)
 }
