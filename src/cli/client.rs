@@ -280,6 +280,7 @@ pub fn sim(s: SimArgs) -> i32 {
 pub fn bench(b: BenchCmd) -> i32 {
     match b {
         BenchCmd::Handlers { json } => crate::handlers::bench_handlers(json),
+        BenchCmd::Fn(a) => super::functions::bench(a),
         BenchCmd::Kv {
             nodes,
             ops,

@@ -10,6 +10,7 @@
 mod bench;
 mod client;
 pub mod cluster;
+mod functions;
 
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -94,6 +95,9 @@ pub enum Cmd {
     /// Try a Lua handler locally, in the node's sandbox and limits.
     #[command(subcommand)]
     Handler(HandlerCmd),
+    /// Functions: deploy an image, invoke, inspect, remove.
+    #[command(subcommand, name = "fn")]
+    Fn(functions::FnCmd),
     /// Opens a store file and exits: run by `capy run` in a child process,
     /// because the storage engine may abort on some damaged files.
     #[command(name = "__check-store", hide = true)]
@@ -126,6 +130,9 @@ pub struct RunArgs {
     /// Log filter, e.g. `info` or `capy=debug`.
     #[arg(long, env = "CAPY_LOG")]
     pub log: Option<String>,
+    /// Podman's API socket for function containers.
+    #[arg(long, env = "CAPY_PODMAN_SOCKET", value_name = "PATH")]
+    pub podman_socket: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -239,6 +246,9 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Function cold starts and warm overhead: the container host alone,
+    /// and through real nodes.
+    Fn(functions::FnBenchArgs),
 }
 
 /// Entry point of the `capy` binary; returns the process exit code.
@@ -272,6 +282,7 @@ pub fn main() -> i32 {
             args,
         })) => crate::handlers::handler_run_cmd(&file, &event, state.as_deref(), args.as_deref()),
         Some(Cmd::CheckStore { path }) => crate::node::check_store_cmd(&path),
+        Some(Cmd::Fn(c)) => functions::run(c),
     }
 }
 

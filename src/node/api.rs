@@ -91,6 +91,7 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Resp {
             };
             root_of(node, &bucket, &key).await
         }
+        (_, p) if p.starts_with("/api/fn/") => super::functions::http_route(node, req).await,
         (_, "/" | "/api/status" | "/metrics") => http::error(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{method} is not allowed on {path}"),

@@ -95,7 +95,7 @@ impl Board {
         // profile's figure is also the game simulator's bound S_i.
         cfg.max_vnodes = self.max_vnodes.min(crate::transport::MAX_VNODES);
         cfg.capacity = self.capacity();
-        cfg.podman_socket = Some(self.podman_socket.clone());
+        cfg.functions.podman_socket = self.podman_socket.clone();
     }
 }
 

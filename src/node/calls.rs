@@ -16,6 +16,8 @@ use std::time::Duration;
 pub enum Call {
     /// Who serves this key? Answers with a [`RootInfo`].
     Whois { key: NodeId },
+    /// A function's invocation or control (see `functions`).
+    Fn(super::functions::FnCall),
 }
 
 /// The answer to [`Call::Whois`].
@@ -164,6 +166,7 @@ impl Node {
                 };
                 postcard::to_allocvec(&info).map_err(|e| e.to_string())
             }
+            Call::Fn(c) => self.serve_fn(c).await,
         }
     }
 }

@@ -44,9 +44,8 @@ pub struct NodeConfig {
     /// puts are refused (507); `"8 GiB"` or a number of bytes. None: no limit.
     #[serde(deserialize_with = "de_size", skip_serializing_if = "Option::is_none")]
     pub storage_limit: Option<u64>,
-    /// podman's API socket on this box.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub podman_socket: Option<PathBuf>,
+    /// `[functions]`: podman's socket, keep-alive, container limits.
+    pub functions: super::functions::FunctionsConfig,
 }
 
 impl Default for NodeConfig {
@@ -69,7 +68,7 @@ impl Default for NodeConfig {
             game_round_s: 2.0,
             max_value: crate::store::MAX_VALUE,
             storage_limit: None,
-            podman_socket: None,
+            functions: Default::default(),
         }
     }
 }
@@ -167,8 +166,15 @@ impl NodeConfig {
             Ok(t) => t,
             Err(e) => return Err(serde::de::Error::custom(e)),
         };
+        // One level deep, so `[functions] keep_alive_s = 60` in a file keeps
+        // the socket a board set.
         for (k, v) in table {
-            base.insert(k, v);
+            match (base.get_mut(&k), v) {
+                (Some(toml::Value::Table(b)), toml::Value::Table(t)) => b.extend(t),
+                (_, v) => {
+                    base.insert(k, v);
+                }
+            }
         }
         base.try_into()
     }
@@ -224,6 +230,7 @@ impl NodeConfig {
                 crate::store::MAX_VALUE
             )));
         }
+        self.functions.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@ pub mod api;
 pub mod boards;
 pub mod calls;
 pub mod config;
+pub mod functions;
 pub mod metrics;
 pub mod peers;
 pub mod runtime;
@@ -71,6 +72,9 @@ pub fn resolve_config(args: &RunArgs) -> Result<NodeConfig, String> {
     }
     if let Some(l) = &args.log {
         cfg.log = l.clone();
+    }
+    if let Some(s) = &args.podman_socket {
+        cfg.functions.podman_socket = s.clone();
     }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
@@ -184,6 +188,7 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     smol::spawn(node.clone().tick_loop()).detach();
     smol::spawn(node.clone().remember_peers_loop()).detach();
     smol::spawn(node.clone().join_loop(join)).detach();
+    smol::spawn(node.clone().functions_loop()).detach();
     let round = Duration::from_secs_f64(node.cfg.game_round_s);
     smol::spawn(node.clone().game_loop(round)).detach();
     let api: Arc<dyn crate::http::Handler> = Arc::new(api::Api(node.clone()));
@@ -215,6 +220,7 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     tracing::info!("stopping: leaving the overlay");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     node.leave().await;
+    node.functions_shutdown().await;
     Ok(())
 }
 
@@ -383,10 +389,10 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "routed_delivered": m.route_hops.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>(),
             "route_hops_mean": m.mean_hops(),
         },
-        // Filled in by the handlers and functions integrations; the page
-        // shows what they hold.
+        // Filled in by the handlers integration; the page shows what it holds.
         "apps": [],
-        "containers": [],
+        "functions": functions::status_json(node),
+        "containers": functions::containers_json(node),
     })
 }
 
@@ -410,7 +416,7 @@ pub fn metrics_text(node: &Node) -> String {
             bytes += s.bytes;
         }
     }
-    node.metrics.render(&[
+    let mut out = node.metrics.render(&[
         ("capy_vnodes", "Vnodes this node runs.", vnodes as f64),
         (
             "capy_leaf_set_size",
@@ -437,5 +443,7 @@ pub fn metrics_text(node: &Node) -> String {
             "Seconds since the node started.",
             node.uptime().as_secs_f64(),
         ),
-    ])
+    ]);
+    out.push_str(&functions::metrics_text(node));
+    out
 }

@@ -225,6 +225,7 @@ pub struct Node {
     epoch: Instant,
     stopping: AtomicBool,
     pub(crate) identity_vnodes: Vec<NodeId>,
+    pub functions: super::functions::Functions,
     pub(crate) vnode_control: Mutex<super::vnodes::VnodeControl>,
 }
 
@@ -284,6 +285,12 @@ impl Node {
             epoch: Instant::now(),
             stopping: AtomicBool::new(false),
             identity_vnodes: identity.vnode_ids().to_vec(),
+            functions: super::functions::Functions::new(
+                &cfg.functions,
+                &cfg.data_dir(),
+                identity.name(),
+                identity.vnode_id(0),
+            ),
             vnode_control: Mutex::new(super::vnodes::VnodeControl::new(
                 identity.vnode_id(0),
                 cfg.capacity,

@@ -81,6 +81,7 @@ pub fn render_text(v: &Value) -> String {
             );
         }
     }
+    o.push_str(&super::functions::render_text(v));
     o
 }
 
