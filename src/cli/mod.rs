@@ -7,7 +7,7 @@
 //! printed); 2 bad usage or bad input file; 3 the node could not be reached;
 //! 4 the key (or object) does not exist.
 
-mod apps;
+pub mod apps;
 mod bench;
 mod client;
 pub mod cluster;

@@ -3,8 +3,8 @@
 //! a registered app's bucket), a key's policy state, and watching a key
 //! (`/api/watch/{key}?bucket=APP`, server-sent events).
 //!
-//! Reads take readCb's arguments as the JSON query parameter `args`;
-//! writes carry a JSON body. The `x-capy-caller` header names the caller
+//! Reads take readCb's arguments as the JSON query parameter `args` (`{}`
+//! when absent); writes carry a JSON body. The `x-capy-caller` header names the caller
 //! to the handler (default "http").
 
 use super::apps::{check_app_name, Answer, AppCall, AppSpec, KeyOp, APPS_BUCKET, STATE_BUCKET};
@@ -99,7 +99,7 @@ pub async fn app_kv(
     let op = match method {
         Method::GET => {
             let args = match query(&req, "args") {
-                Ok(a) => a.unwrap_or_else(|| "null".into()),
+                Ok(a) => a.unwrap_or_else(|| "{}".into()),
                 Err(e) => return http::error(StatusCode::BAD_REQUEST, &e),
             };
             if let Err(e) = serde_json::from_str::<serde_json::Value>(&args) {
