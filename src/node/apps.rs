@@ -1434,13 +1434,13 @@ impl Node {
         let key_lock = self.apps.key_lock(app, key);
         let _one_event_per_key = key_lock.lock().await;
         self.restore(slot, &akey).await;
-        let k = self.key_k(app, key, def.replicas);
-        let data = match self.get_k(app, key, k).await {
-            Ok(Some(v)) => match serde_json::from_slice::<Json>(&v.value) {
-                Ok(j) => Some(j),
+        // The root's own copy: timers need no round trip to the replicas.
+        let (data, k) = match self.db.get(app, key) {
+            Ok(Some(e)) if !e.deleted => match serde_json::from_slice::<Json>(&e.value) {
+                Ok(j) => (Some(j), e.k),
                 Err(_) => return,
             },
-            Ok(None) => return,
+            Ok(_) => return,
             Err(e) => {
                 tracing::debug!(key = %akey, "timer skipped: {e}");
                 return;
@@ -1480,7 +1480,7 @@ impl Node {
 
     /// The apps' background work: timers, tree maintenance, SSE upkeep.
     pub async fn apps_loop(self: Arc<Self>) {
-        let mut t = smol::Timer::interval(Duration::from_millis(100));
+        let mut t = smol::Timer::interval(Duration::from_millis(50));
         let mut n = 0u64;
         loop {
             futures_lite::StreamExt::next(&mut t).await;
@@ -1488,7 +1488,7 @@ impl Node {
                 return;
             }
             n += 1;
-            if n % 5 == 0 {
+            if n % 10 == 0 {
                 self.pubsub_tick();
             }
             if self.joined() {
