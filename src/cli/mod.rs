@@ -183,6 +183,34 @@ pub struct SimArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum SimCmd {
+    /// Subscription latency: publish through Scribe trees vs polling.
+    Subscribe {
+        #[arg(long, default_value_t = 8000)]
+        nodes: usize,
+        /// Subscriber counts to measure, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "100,200,400,800,1600,3200,6400"
+        )]
+        subscribers: Vec<usize>,
+        /// Keys (trees) per subscriber count.
+        #[arg(long, default_value_t = 4)]
+        topics: usize,
+        /// Publications per key.
+        #[arg(long, default_value_t = 20)]
+        publishes: usize,
+        /// Polling interval of the baseline, in ms.
+        #[arg(long, default_value_t = 1000)]
+        poll_ms: u64,
+        /// Share of nodes failing at once after the measurement (0: skip).
+        #[arg(long, default_value_t = 0.05)]
+        fail_fraction: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// The vnode game on a heterogeneous fleet.
     Game {
         #[arg(long, default_value_t = 1000)]
