@@ -9,11 +9,14 @@
 //! here: the next hop comes from the overlay through [`Router`].
 //!
 //! Soft state keeps it whole: a child re-sends `Subscribe` to its parent
-//! every `refresh` (the parent answers `Ack`), a parent drops children it
-//! has not heard from in `child_timeout`, and every tick each member checks
-//! that its parent is still its next hop toward the root. So when a
-//! forwarder dies or a closer node joins, the overlay's repaired routes
-//! rebuild the tree; a failed send re-routes at once.
+//! every `refresh`, a parent drops children it has not heard from in
+//! `child_timeout`, and every tick each member checks that its parent is
+//! still its next hop toward the root. So when a forwarder dies or a closer
+//! node joins, the overlay's repaired routes rebuild the tree; a failed
+//! send re-routes at once. A parent answers `Ack` only once it is itself
+//! connected to the root, and a member that moves to a new parent stays
+//! with the old one until the new one answers (make before break), so a
+//! moving tree loses nothing.
 //!
 //! Order: the root numbers each publication `seq = max(last + 1, now)` and
 //! names the one before it (`prev`). Forwarders pass everything on as it
@@ -156,6 +159,8 @@ pub enum Action {
 struct Child {
     h: NodeHandle,
     heard: Micros,
+    /// Told it is connected to the tree (sent once this node is).
+    acked: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -178,6 +183,9 @@ struct Topic {
     local: bool,
     children: Vec<Child>,
     parent: Option<Parent>,
+    /// The parent before a switch, kept until the new one answers, so no
+    /// publication is lost while the tree moves.
+    old_parent: Option<NodeHandle>,
     root: bool,
     attached: bool,
     /// Newest publication seen here (what a new child is told).
@@ -207,7 +215,9 @@ pub struct ScribeStats {
 /// One node's part in every multicast tree it belongs to.
 pub struct Scribe {
     cfg: ScribeConfig,
-    topics: HashMap<NodeId, Topic>,
+    /// Ordered, so ticks act in the same order on every run (the
+    /// simulator replays exactly).
+    topics: BTreeMap<NodeId, Topic>,
     /// Last sequence number this node published per topic, as a root.
     published: HashMap<NodeId, u64>,
     stats: ScribeStats,
@@ -217,7 +227,7 @@ impl Scribe {
     pub fn new(cfg: ScribeConfig) -> Scribe {
         Scribe {
             cfg,
-            topics: HashMap::new(),
+            topics: BTreeMap::new(),
             published: HashMap::new(),
             stats: ScribeStats::default(),
         }
@@ -302,9 +312,9 @@ impl Scribe {
 
     fn leave(&mut self, topic: NodeId, out: &mut Vec<Action>) {
         if let Some(t) = self.topics.remove(&topic) {
-            if let Some(p) = t.parent {
+            for to in t.parent.map(|p| p.h).into_iter().chain(t.old_parent) {
                 out.push(Action::Send {
-                    to: p.h,
+                    to,
                     msg: Msg::Unsubscribe { topic },
                 });
             }
@@ -380,13 +390,16 @@ impl Scribe {
                     self.stats.refused += 1;
                     return out;
                 }
+                let connected = t.attached || t.root;
                 if let Some(c) = t.children.iter_mut().find(|c| c.h.addr == from.addr) {
                     c.h = from;
                     c.heard = now;
+                    c.acked = connected;
                 } else if t.children.len() < max_children {
                     t.children.push(Child {
                         h: from,
                         heard: now,
+                        acked: connected,
                     });
                 } else {
                     let unused = t.children.is_empty() && !t.local && t.parent.is_none();
@@ -396,32 +409,47 @@ impl Scribe {
                     }
                     return out;
                 }
-                out.push(Action::Send {
-                    to: from,
-                    msg: Msg::Ack {
-                        topic,
-                        last: t.last_seen,
-                    },
-                });
-                if !t.root && t.parent.is_none() {
+                if connected {
+                    out.push(Action::Send {
+                        to: from,
+                        msg: Msg::Ack {
+                            topic,
+                            last: t.last_seen,
+                        },
+                    });
+                } else if t.parent.is_none() {
                     attach(t, now, topic, r, &mut out);
                 }
             }
             Msg::Ack { topic, last } => match self.topics.get_mut(&topic) {
                 Some(t) if t.parent.as_ref().is_some_and(|p| p.h.addr == from.addr) => {
+                    let first = t.parent.as_ref().is_some_and(|p| p.acked.is_none());
                     if let Some(p) = t.parent.as_mut() {
                         p.acked = Some(now);
                     }
+                    let old = t.old_parent.take();
+                    if let Some(o) = old {
+                        out.push(Action::Send {
+                            to: o,
+                            msg: Msg::Unsubscribe { topic },
+                        });
+                    }
+                    // Back in the tree after losing the path to the root:
+                    // what the new parent saw before adopting us never
+                    // comes, so do not hold later publications for it.
+                    if first && old.is_none() && t.attached && t.local && last > t.delivered {
+                        catch_up(t, &mut self.stats, topic, last, &mut out);
+                    }
                     if !t.attached {
                         t.attached = true;
-                        if t.local {
-                            if t.delivered == 0 {
-                                t.delivered = last;
-                            }
-                            out.push(Action::Attached { topic });
+                        if t.local && t.delivered == 0 {
+                            t.delivered = last;
                         }
+                        connected(t, topic, &mut out);
                     }
                 }
+                // The parent we are leaving: it still feeds us meanwhile.
+                Some(t) if t.old_parent.is_some_and(|o| o.addr == from.addr) => {}
                 // Not (or no longer) our parent: tell it to forget us.
                 _ => out.push(Action::Send {
                     to: from,
@@ -509,9 +537,15 @@ impl Scribe {
             match r.hop(topic) {
                 None => {}
                 Some(Hop::Root) => {
-                    if let Some(p) = t.parent.take() {
+                    for o in t
+                        .parent
+                        .take()
+                        .map(|p| p.h)
+                        .into_iter()
+                        .chain(t.old_parent.take())
+                    {
                         out.push(Action::Send {
-                            to: p.h,
+                            to: o,
                             msg: Msg::Unsubscribe { topic },
                         });
                         self.stats.parent_switches += 1;
@@ -519,9 +553,7 @@ impl Scribe {
                     t.root = true;
                     if !t.attached {
                         t.attached = true;
-                        if t.local {
-                            out.push(Action::Attached { topic });
-                        }
+                        connected(t, topic, &mut out);
                     }
                 }
                 Some(Hop::Next(h)) => {
@@ -529,11 +561,18 @@ impl Scribe {
                     let same = t.parent.as_ref().is_some_and(|p| p.h.addr == h.addr);
                     if !same {
                         if let Some(p) = t.parent.take() {
-                            out.push(Action::Send {
-                                to: p.h,
-                                msg: Msg::Unsubscribe { topic },
-                            });
                             self.stats.parent_switches += 1;
+                            // keep a parent that answered until the new one
+                            // does; one that never answered is just dropped
+                            let keep = p.acked.is_some() && t.old_parent.is_none();
+                            if keep {
+                                t.old_parent = Some(p.h);
+                            } else {
+                                out.push(Action::Send {
+                                    to: p.h,
+                                    msg: Msg::Unsubscribe { topic },
+                                });
+                            }
                         }
                         t.parent = Some(Parent {
                             h,
@@ -571,6 +610,9 @@ impl Scribe {
                 continue;
             };
             t.children.retain(|c| c.h.addr != to.addr);
+            if t.old_parent.is_some_and(|o| o.addr == to.addr) {
+                t.old_parent = None;
+            }
             if t.parent.as_ref().is_some_and(|p| p.h.addr == to.addr) {
                 t.parent = None;
                 self.stats.parent_switches += 1;
@@ -598,9 +640,7 @@ fn attach(t: &mut Topic, now: Micros, topic: NodeId, r: &dyn Router, out: &mut V
             t.parent = None;
             if !t.attached {
                 t.attached = true;
-                if t.local {
-                    out.push(Action::Attached { topic });
-                }
+                connected(t, topic, out);
             }
         }
         Some(Hop::Next(h)) => {
@@ -615,6 +655,24 @@ fn attach(t: &mut Topic, now: Micros, topic: NodeId, r: &dyn Router, out: &mut V
                 msg: Msg::Subscribe { topic },
             });
         }
+    }
+}
+
+/// `t` just got connected to the root: tell the local subscribers and the
+/// children waiting for it.
+fn connected(t: &mut Topic, topic: NodeId, out: &mut Vec<Action>) {
+    if t.local {
+        out.push(Action::Attached { topic });
+    }
+    for c in t.children.iter_mut().filter(|c| !c.acked) {
+        c.acked = true;
+        out.push(Action::Send {
+            to: c.h,
+            msg: Msg::Ack {
+                topic,
+                last: t.last_seen,
+            },
+        });
     }
 }
 
@@ -680,6 +738,37 @@ fn deliver(
         hops,
         data,
     });
+}
+
+/// Skips to `last`: held publications up to it are delivered in order, the
+/// rest up to it is reported lost.
+fn catch_up(
+    t: &mut Topic,
+    stats: &mut ScribeStats,
+    topic: NodeId,
+    last: u64,
+    out: &mut Vec<Action>,
+) {
+    while let Some((&seq, _)) = t.held.iter().next() {
+        if seq > last {
+            break;
+        }
+        if let Some(h) = t.held.remove(&seq) {
+            if seq > t.delivered {
+                deliver(t, stats, topic, seq, h.hops, h.data, out);
+            }
+        }
+    }
+    if last > t.delivered {
+        stats.gaps += 1;
+        out.push(Action::Gap {
+            topic,
+            after: t.delivered,
+            seq: last.saturating_add(1),
+        });
+        t.delivered = last;
+    }
+    drain(t, stats, topic, out);
 }
 
 /// Delivers held publications whose predecessor is now delivered.

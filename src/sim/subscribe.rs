@@ -17,8 +17,9 @@
 //!   answer of the first poll that reached the root after it arrives.
 //!
 //! No heartbeats run while latency is measured (the tree is quiet). With
-//! `fail_fraction`, a share of the nodes (never a root) then fails at once,
-//! on the largest tree: the overlay repairs itself (Pastry ticks), trees
+//! `fail_fraction`, the largest trees then run in steady state for 5 s
+//! (overlay ticks, tree heartbeats) before a share of the nodes (never a
+//! root) fails at once: the overlay repairs itself (Pastry ticks), trees
 //! repair through heartbeats, failed sends and re-routing, and a probe
 //! publication every 500 ms measures how many live subscribers it reaches.
 
@@ -119,7 +120,8 @@ pub struct RepairReport {
     pub failed_nodes: usize,
     /// Live subscribers whose tree path went through a failed node.
     pub cut_off: usize,
-    /// Share of live subscribers the first probe (at the failure) reached.
+    /// Share of live subscribers the first probes (sent at the failure)
+    /// reached, mean over the keys.
     pub first_probe_reach: f64,
     /// Virtual seconds from the failure until every later probe reached
     /// every live subscriber; `None` if that never happened.
@@ -431,7 +433,9 @@ pub fn run_subscribe(opts: &SubscribeSimOpts) -> SubscribeReport {
         let delivered = net.latencies.len();
         // polling, against the same publication times
         let mut poll = Vec::with_capacity(total_subs * opts.publishes);
-        let times: Vec<(usize, Micros)> = net.published.iter().map(|(k, v)| (k.0, *v)).collect();
+        let mut times: Vec<(usize, Micros)> =
+            net.published.iter().map(|(k, v)| (k.0, *v)).collect();
+        times.sort_unstable();
         let phases: Vec<Vec<Micros>> = subs_by_topic
             .iter()
             .map(|v| {
@@ -514,6 +518,26 @@ pub fn run_subscribe(opts: &SubscribeSimOpts) -> SubscribeReport {
 /// Fails a share of the nodes under the last (largest) trees and follows
 /// their repair with a probe publication every 500 ms.
 fn repair_phase(net: &mut Net, opts: &SubscribeSimOpts, subs: &[Vec<usize>]) -> RepairReport {
+    // Steady state first: the overlay's ticks and the trees' heartbeats
+    // run for a few seconds, as they always do on real nodes.
+    let t0 = net.now.max(net.sim.now);
+    net.now = t0;
+    net.sim.now = t0;
+    net.ticking = true;
+    for i in 0..net.sim.nodes.len() {
+        if net.sim.nodes[i].alive {
+            let at = t0 + net.sim.rng.below(net.tick_every as usize) as Micros;
+            net.queue.push(at, Ev::Tick(i as u32));
+        }
+    }
+    net.sim.start_ticking();
+    let mut t = t0;
+    while t < t0 + 5 * SEC {
+        let until = t + 10 * MS;
+        net.run(until);
+        net.sim.run(until);
+        t = until;
+    }
     let live = net.sim.live_sorted();
     let k = ((opts.fail_fraction.min(0.5) * live.len() as f64).round() as usize)
         .min(live.len().saturating_sub(opts.topics + 1));
@@ -549,17 +573,7 @@ fn repair_phase(net: &mut Net, opts: &SubscribeSimOpts, subs: &[Vec<usize>]) -> 
     net.published.clear();
     net.reach.clear();
     net.latencies.clear();
-    net.ticking = true;
-    let start = net.now.max(net.sim.now);
-    net.now = start;
-    net.sim.now = start;
-    for i in 0..net.sim.nodes.len() {
-        if net.sim.nodes[i].alive {
-            let at = start + net.sim.rng.below(net.tick_every as usize) as Micros;
-            net.queue.push(at, Ev::Tick(i as u32));
-        }
-    }
-    net.sim.start_ticking();
+    let start = net.now;
     let horizon = 40 * SEC;
     let mut probes: Vec<(Micros, usize)> = Vec::new(); // (time, topic)
     let mut next_probe = start;
@@ -603,7 +617,13 @@ fn repair_phase(net: &mut Net, opts: &SubscribeSimOpts, subs: &[Vec<usize>]) -> 
         by_time.push((at, got as f64 / live_of(topic).max(1) as f64));
     }
     by_time.sort_by_key(|x| x.0);
-    let first = by_time.first().map(|x| x.1).unwrap_or(0.0);
+    let first_at = by_time.first().map(|x| x.0);
+    let firsts: Vec<f64> = by_time
+        .iter()
+        .filter(|x| Some(x.0) == first_at)
+        .map(|x| x.1)
+        .collect();
+    let first = firsts.iter().sum::<f64>() / firsts.len().max(1) as f64;
     // repaired: the earliest time after which every probe reached everyone
     let mut repaired = None;
     for (i, &(at, _)) in by_time.iter().enumerate() {
