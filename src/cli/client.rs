@@ -157,6 +157,40 @@ pub fn status(c: &ClientArgs, json: bool) -> i32 {
     }
 }
 
+pub fn vnodes(c: &ClientArgs, count: Option<&str>) -> i32 {
+    let url = format!("{}/api/vnodes", c.node.trim_end_matches('/'));
+    let r = match count {
+        None => request(&url, Method::GET, None),
+        Some(s) => {
+            let body = if s == "auto" {
+                serde_json::json!({ "count": "auto" })
+            } else {
+                match s.parse::<u32>() {
+                    Ok(n) => serde_json::json!({ "count": n }),
+                    Err(_) => {
+                        eprintln!("capy: vnodes: {s:?} is neither a count nor `auto`");
+                        return EXIT_USAGE;
+                    }
+                }
+            };
+            request(
+                &url,
+                Method::PUT,
+                Some((body.to_string().into_bytes(), "application/json")),
+            )
+        }
+    };
+    let r = match r {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    if !r.status.is_success() {
+        return failed("vnodes", &r);
+    }
+    println!("{}", String::from_utf8_lossy(&r.body));
+    EXIT_OK
+}
+
 pub fn ca(c: CaCmd) -> i32 {
     use crate::transport::{ca_init, ca_issue, IssueRequest};
     match c {

@@ -74,6 +74,14 @@ pub enum Cmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Show the vnode count, pin it (`capy vnodes 4`) or let the vnode game
+    /// decide (`capy vnodes auto`).
+    Vnodes {
+        /// A count, or `auto`.
+        count: Option<String>,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
     /// Simulate the overlay (or the vnode game) in virtual time.
     Sim(SimArgs),
     /// Benchmarks that print their figures.
@@ -320,6 +328,9 @@ pub fn main() -> i32 {
             return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
         }
     };
+    if !matches!(cli.cmd, None | Some(Cmd::Run(_))) {
+        restore_sigpipe();
+    }
     match cli.cmd {
         None => crate::node::run_cmd(cli.run),
         Some(Cmd::Run(args)) => crate::node::run_cmd(args),
@@ -328,6 +339,7 @@ pub fn main() -> i32 {
         Some(Cmd::Get { key, out, c }) => client::get(&c, &key, out.as_deref()),
         Some(Cmd::Rm { key, c }) => client::rm(&c, &key),
         Some(Cmd::Status { json, c }) => client::status(&c, json),
+        Some(Cmd::Vnodes { count, c }) => client::vnodes(&c, count.as_deref()),
         Some(Cmd::Sim(s)) => client::sim(s),
         Some(Cmd::Bench(b)) => client::bench(b),
         Some(Cmd::Handler(HandlerCmd::Run {
@@ -344,5 +356,18 @@ pub fn main() -> i32 {
             node,
         }) => apps::watch(&key, &bucket, &node, count),
         Some(Cmd::CheckStore { path }) => crate::node::check_store_cmd(&path),
+    }
+}
+
+/// Lets `capy get KEY | head` end quietly when the reader goes away, as
+/// shell users expect, instead of failing on every later write. Only for
+/// the short-lived client commands: a node keeps SIGPIPE ignored.
+fn restore_sigpipe() {
+    // SAFETY: called from main before this process starts any thread (no
+    // executor, no runtime yet), so no other code can be changing signal
+    // dispositions concurrently; SIG_DFL is a valid disposition for SIGPIPE
+    // and `signal` has no other preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

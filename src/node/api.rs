@@ -82,6 +82,11 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Resp {
         (_, p) if p.starts_with("/api/apps") || p.starts_with("/api/watch/") => {
             super::apps_api::route(&node, req).await
         }
+        (Method::GET, "/api/vnodes") => match node.vnode_status() {
+            Some(v) => http::json(StatusCode::OK, &v),
+            None => http::error(StatusCode::INTERNAL_SERVER_ERROR, "vnode state unavailable"),
+        },
+        (Method::PUT | Method::POST, "/api/vnodes") => set_vnodes(node, req).await,
         (Method::GET, p) if p.starts_with("/api/root/") => {
             let key = match http::percent_decode(&p["/api/root/".len()..]) {
                 Ok(k) if !k.is_empty() => k,
@@ -169,5 +174,43 @@ async fn root_of(node: Arc<Node>, bucket: &str, key: &str) -> Resp {
             Err(e) => http::error(StatusCode::BAD_GATEWAY, &format!("undecodable answer: {e}")),
         },
         Err(e) => op_error(e),
+    }
+}
+
+/// `PUT /api/vnodes` with `{"count": N}` pins the vnode count, `{"count":
+/// "auto"}` hands it back to the vnode game.
+async fn set_vnodes(node: Arc<Node>, req: Request<Incoming>) -> Resp {
+    let body = match http::read_body(req, 1024).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return http::error(StatusCode::BAD_REQUEST, &format!("body is not JSON: {e}")),
+    };
+    let want = match &v["count"] {
+        serde_json::Value::String(s) if s == "auto" => None,
+        serde_json::Value::Number(n) => match n.as_u64().and_then(|n| u32::try_from(n).ok()) {
+            Some(n) => Some(n),
+            None => {
+                return http::error(
+                    StatusCode::BAD_REQUEST,
+                    "count must be a whole number or \"auto\"",
+                )
+            }
+        },
+        _ => {
+            return http::error(
+                StatusCode::BAD_REQUEST,
+                "expected {\"count\": N} or {\"count\": \"auto\"}",
+            )
+        }
+    };
+    match node.pin_vnodes(want) {
+        Ok(running) => http::json(
+            StatusCode::OK,
+            &json!({ "mode": if want.is_some() { "pinned" } else { "auto" }, "running": running }),
+        ),
+        Err(e) => http::error(StatusCode::BAD_REQUEST, &e),
     }
 }

@@ -24,8 +24,20 @@ pub struct NodeConfig {
     pub replicas: usize,
     /// Leaf-set size (both sides together).
     pub leaf_set: usize,
-    /// How many vnodes to run until the vnode game decides.
+    /// How many vnodes to start with (the vnode game then decides).
     pub vnodes: u32,
+    /// Let the vnode game set the vnode count; false keeps `vnodes`.
+    pub vnode_game: bool,
+    /// Most vnodes, whatever the certificate allows (board profile).
+    pub max_vnodes: u32,
+    /// Capacity relative to the reference board (Pi 4 with SSD = 1): the
+    /// vnode game's weight for this node (board profile).
+    pub capacity: f64,
+    /// Expected number of nodes in the cluster: sets the game's price slope
+    /// (eps = 1.4 / fleet). Every node of a cluster should use the same.
+    pub fleet: usize,
+    /// Seconds between two rounds of the vnode game.
+    pub game_round_s: f64,
     /// Largest value a put may carry, in bytes.
     pub max_value: usize,
 }
@@ -43,6 +55,11 @@ impl Default for NodeConfig {
             replicas: 3,
             leaf_set: 24,
             vnodes: 1,
+            vnode_game: true,
+            max_vnodes: 64,
+            capacity: 1.0,
+            fleet: 100,
+            game_round_s: 2.0,
             max_value: crate::store::MAX_VALUE,
         }
     }
@@ -89,6 +106,30 @@ impl NodeConfig {
             return Err(ConfigError::Invalid(format!(
                 "vnodes = {}: must be between 1 and 64",
                 self.vnodes
+            )));
+        }
+        if !(self.capacity.is_finite() && self.capacity > 0.0 && self.capacity <= 1000.0) {
+            return Err(ConfigError::Invalid(format!(
+                "capacity = {}: must be a number above 0 (1 = a Pi 4 with SSD)",
+                self.capacity
+            )));
+        }
+        if self.fleet == 0 || self.fleet > 10_000_000 {
+            return Err(ConfigError::Invalid(format!(
+                "fleet = {}: must be at least 1",
+                self.fleet
+            )));
+        }
+        if !(0.1..=3600.0).contains(&self.game_round_s) {
+            return Err(ConfigError::Invalid(format!(
+                "game_round_s = {}: must be between 0.1 and 3600",
+                self.game_round_s
+            )));
+        }
+        if self.max_vnodes == 0 || self.max_vnodes > 64 {
+            return Err(ConfigError::Invalid(format!(
+                "max_vnodes = {}: must be between 1 and 64",
+                self.max_vnodes
             )));
         }
         if self.max_value == 0 || self.max_value > crate::store::MAX_VALUE {

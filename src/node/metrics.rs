@@ -129,6 +129,7 @@ pub struct Metrics {
     pub replication_lag: Histogram,
     pub commit_latency: Histogram,
     pub http_requests: AtomicU64,
+    pub vnode_changes: AtomicU64,
 }
 
 impl Metrics {

@@ -13,6 +13,7 @@ pub mod peers;
 pub mod pubsub;
 pub mod runtime;
 pub mod status;
+pub mod vnodes;
 
 use crate::cli::{RunArgs, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use crate::store::Db;
@@ -167,6 +168,8 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     smol::spawn(node.clone().remember_peers_loop()).detach();
     smol::spawn(node.clone().join_loop(join)).detach();
     smol::spawn(node.clone().apps_loop()).detach();
+    let round = Duration::from_secs_f64(node.cfg.game_round_s);
+    smol::spawn(node.clone().game_loop(round)).detach();
     let api: Arc<dyn crate::http::Handler> = Arc::new(api::Api(node.clone()));
     smol::spawn(async move {
         if let Err(e) = crate::http::serve(http_listener, api).await {
@@ -320,6 +323,7 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         "leaf_set_size": if min_leaf == usize::MAX { 0 } else { min_leaf },
         "leaf_set_capacity": node.cfg.leaf_set,
         "peers": peers,
+        "game": node.vnode_status(),
         "store": {
             "keys": keys,
             "bytes": bytes,

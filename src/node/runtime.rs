@@ -42,6 +42,8 @@ pub enum Wire {
     },
     /// Multicast trees (see `pubsub`).
     Scribe(overlay::scribe::Msg),
+    /// One round of the vnode game, between nodes' vnode 0.
+    Game(crate::game::GameMsg),
 }
 
 /// What travels inside an overlay-routed message, opaque to the overlay.
@@ -63,6 +65,7 @@ impl Wire {
             Wire::Call { .. } => "call",
             Wire::CallReply { .. } => "call_reply",
             Wire::Scribe(m) => m.kind(),
+            Wire::Game(_) => "game",
         }
     }
 }
@@ -140,15 +143,7 @@ pub(crate) fn placement(
         for p in vnodes.values() {
             cand.extend(p.closest(key, k * 4 + 4));
         }
-        cand.sort_by(|a, b| {
-            if a.id == b.id {
-                std::cmp::Ordering::Equal
-            } else if key.closer(a.id, b.id) {
-                std::cmp::Ordering::Less
-            } else {
-                std::cmp::Ordering::Greater
-            }
-        });
+        cand.sort_by(|a, b| key.by_closeness(a.id, b.id));
         let mut out: Vec<NodeHandle> = Vec::with_capacity(k);
         for c in cand {
             if out.iter().all(|o| o.addr != c.addr) {
@@ -181,6 +176,12 @@ enum Work {
 pub(crate) struct Ctx {
     queue: VecDeque<Work>,
     effects: Vec<Effect>,
+}
+
+impl Ctx {
+    pub(crate) fn push_send(&mut self, from: NodeId, to: NodeHandle, wire: Wire) {
+        self.effects.push(Effect::Send { from, to, wire });
+    }
 }
 
 pub(crate) enum Effect {
@@ -226,6 +227,7 @@ pub struct Node {
     pub(crate) identity_vnodes: Vec<NodeId>,
     /// Apps, handlers, timers and pub/sub (see `apps`).
     pub apps: super::apps::Apps,
+    pub(crate) vnode_control: Mutex<super::vnodes::VnodeControl>,
 }
 
 /// Wall-clock microseconds: the replication core compares tombstone ages
@@ -284,8 +286,23 @@ impl Node {
             stopping: AtomicBool::new(false),
             identity_vnodes: identity.vnode_ids().to_vec(),
             apps: super::apps::Apps::new(),
+            vnode_control: Mutex::new(super::vnodes::VnodeControl::new(
+                identity.vnode_id(0),
+                cfg.capacity,
+                identity.max_vnodes().min(cfg.max_vnodes),
+                cfg.fleet,
+                if cfg.vnode_game {
+                    super::vnodes::Mode::Auto
+                } else {
+                    super::vnodes::Mode::Pinned(vnodes_n)
+                },
+            )),
             cfg,
         })
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     pub fn now(&self) -> Micros {
@@ -548,6 +565,9 @@ impl Node {
                 }
             };
             self.metrics.msgs_in.inc(wire.kind());
+            if let Some(&id0) = rcv.peer.vnode_ids().first() {
+                self.learn_peer(rcv.peer.addr, id0);
+            }
             let from = NodeHandle {
                 id: rcv.frame.from,
                 addr: rcv.peer.addr,
@@ -576,6 +596,10 @@ impl Node {
                 }
                 Wire::Scribe(msg) => {
                     self.scribe_received(from, msg);
+                    continue;
+                }
+                Wire::Game(m) => {
+                    self.game_message(rcv.frame.from, m);
                     continue;
                 }
             };
