@@ -19,7 +19,27 @@
 //! key's root, which runs the callback there (one event per key at a time),
 //! then stores the result and applies the effects only when the callback
 //! succeeded. Handler code runs on the blocking pool under the sandbox's
-//! budgets, so a hostile handler never stalls the executor.
+//! budgets, so a hostile handler never stalls the executor. Deletes run no
+//! callback. Writes that effects make to other keys of the app go straight
+//! to the store (their callbacks do not run).
+//!
+//! Effects, in order, after the result is stored (a failing one is logged
+//! and counted, the caller still gets the result):
+//! - `write(node, key, v)`: through the store, which places copies on the
+//!   key's root and its closest leaf-set members; `node` is advisory (a copy
+//!   of the call's own result "on node n" is the replication already done);
+//! - `set_replicas(key, n)`: the key is rewritten with `n` replicas; the
+//!   store's anti-entropy adds or hands off copies to match;
+//! - `deploy_container` / `delete_container`: through [`FunctionControl`]
+//!   ("functions unavailable" until one is installed);
+//! - `publish(key, v)`: down the key's multicast tree from its root;
+//! - `subscribe` / `unsubscribe`: noted; the subscribing node joins the tree
+//!   itself (its read with `{subscribe = true}` is what the policy saw).
+//!
+//! Timers fire on the key's current root only, every `timer_interval_ms`,
+//! for apps whose handler defines `timerCb`. With `clock_scale` > 1 the
+//! handler's clock (and so `checkpoint_ms`) runs that much faster than real
+//! time; timer intervals stay in real time.
 
 use super::calls::Call;
 use super::metrics::{Histogram, Labeled};
@@ -1346,7 +1366,12 @@ impl Node {
             }
             let def = match self.app_def(&b).await {
                 Ok(Some(d)) => d,
-                _ => continue,
+                Ok(None) => {
+                    // removed (or never an app): drop what we held for it
+                    lock(&self.apps.slots).remove(&b);
+                    continue;
+                }
+                Err(_) => continue,
             };
             let slot = match self.slot(&def).await {
                 Ok(s) => s,
