@@ -123,12 +123,22 @@ pub struct RepairReport {
     /// Share of live subscribers the first probes (sent at the failure)
     /// reached, mean over the keys.
     pub first_probe_reach: f64,
-    /// Virtual seconds from the failure until every later probe reached
-    /// every live subscriber; `None` if that never happened.
+    /// Virtual seconds from the failure until every later probe reached at
+    /// least 99.9 % of the live subscribers; `None` if that never happened.
     pub repaired_after_s: Option<f64>,
+    /// The same for 100 % (single publications may still be missed while
+    /// routes settle, when a member changes parent at the wrong moment).
+    pub full_reach_after_s: Option<f64>,
+    /// (publication, subscriber) pairs missed after `repaired_after_s`, and
+    /// how many there were in all.
+    pub missed_after_repair: u64,
+    pub deliveries_after_repair: u64,
     /// Reach of the probes in the last 5 s.
     pub final_reach: f64,
     pub overlay_repair_s: Option<f64>,
+    /// (virtual seconds after the failure, mean reach of the probes sent
+    /// then).
+    pub reach_curve: Vec<[f64; 2]>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -602,7 +612,8 @@ fn repair_phase(net: &mut Net, opts: &SubscribeSimOpts, subs: &[Vec<usize>]) -> 
     net.sim.stop_ticking();
     // reach of each probe: deliveries over live subscribers of its topic
     let live_of = |topic: usize| subs[topic].iter().filter(|s| !dead.contains(s)).count();
-    let mut by_time: Vec<(Micros, f64)> = Vec::new();
+    // (time, reach, live subscribers, deliveries)
+    let mut by_time: Vec<(Micros, f64, u64, u64)> = Vec::new();
     let pub_times: HashMap<(usize, Micros), u64> = net
         .published
         .iter()
@@ -614,7 +625,8 @@ fn repair_phase(net: &mut Net, opts: &SubscribeSimOpts, subs: &[Vec<usize>]) -> 
             .and_then(|seq| net.reach.get(&(topic, *seq)))
             .copied()
             .unwrap_or(0);
-        by_time.push((at, got as f64 / live_of(topic).max(1) as f64));
+        let want = live_of(topic);
+        by_time.push((at, got as f64 / want.max(1) as f64, want as u64, got as u64));
     }
     by_time.sort_by_key(|x| x.0);
     let first_at = by_time.first().map(|x| x.0);
@@ -624,12 +636,20 @@ fn repair_phase(net: &mut Net, opts: &SubscribeSimOpts, subs: &[Vec<usize>]) -> 
         .map(|x| x.1)
         .collect();
     let first = firsts.iter().sum::<f64>() / firsts.len().max(1) as f64;
-    // repaired: the earliest time after which every probe reached everyone
-    let mut repaired = None;
-    for (i, &(at, _)) in by_time.iter().enumerate() {
-        if by_time[i..].iter().all(|x| x.1 >= 1.0) {
-            repaired = Some((at - start) as f64 / SEC as f64);
-            break;
+    // the earliest time after which every probe reached `share`
+    let from = |share: f64| {
+        (0..by_time.len())
+            .find(|&i| by_time[i..].iter().all(|x| x.1 >= share))
+            .map(|i| by_time[i].0)
+    };
+    let repaired_at = from(0.999);
+    let full_at = from(1.0);
+    let secs = |t: Micros| (t - start) as f64 / SEC as f64;
+    let (mut missed, mut deliveries) = (0u64, 0u64);
+    if let Some(r) = repaired_at {
+        for x in by_time.iter().filter(|x| x.0 >= r) {
+            missed += x.2.saturating_sub(x.3);
+            deliveries += x.2;
         }
     }
     let tail_from = start + horizon - 5 * SEC;
@@ -638,12 +658,27 @@ fn repair_phase(net: &mut Net, opts: &SubscribeSimOpts, subs: &[Vec<usize>]) -> 
         .filter(|x| x.0 >= tail_from)
         .map(|x| x.1)
         .collect();
+    let mut reach_curve: Vec<[f64; 2]> = Vec::new();
+    for &(at, r, _, _) in &by_time {
+        let x = (at - start) as f64 / SEC as f64;
+        match reach_curve.last_mut() {
+            Some(last) if last[0] == x => last[1] += r,
+            _ => reach_curve.push([x, r]),
+        }
+    }
+    for p in reach_curve.iter_mut() {
+        p[1] /= opts.topics.max(1) as f64;
+    }
     RepairReport {
+        reach_curve,
         subscribers: live_subs,
         failed_nodes: victims.len(),
         cut_off,
         first_probe_reach: first,
-        repaired_after_s: repaired,
+        repaired_after_s: repaired_at.map(secs),
+        full_reach_after_s: full_at.map(secs),
+        missed_after_repair: missed,
+        deliveries_after_repair: deliveries,
         final_reach: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
         overlay_repair_s: overlay_done,
     }
@@ -719,12 +754,14 @@ pub fn print_subscribe(opts: &SubscribeSimOpts, json: bool) -> i32 {
     }
     if let Some(rep) = &r.repair {
         println!(
-            "repair: {} nodes failed; {} of {} live subscribers cut off; first probe reached {:.1} %; every probe reached everyone from {} on; last 5 s {:.1} %",
+            "repair: {} nodes failed; {} of {} live subscribers cut off; first probe reached {:.1} %; every probe reached >= 99.9 % from {} on ({} of {} deliveries missed after that); last 5 s {:.3} %",
             rep.failed_nodes,
             rep.cut_off,
             rep.subscribers,
             rep.first_probe_reach * 100.0,
             rep.repaired_after_s.map_or("never".into(), |s| format!("{s:.1} s")),
+            rep.missed_after_repair,
+            rep.deliveries_after_repair,
             rep.final_reach * 100.0
         );
     }

@@ -91,6 +91,10 @@ fn trees_beat_polling_reach_everyone_and_repair() {
     let rep = r.repair.expect("repair phase");
     assert_eq!(rep.failed_nodes, 60);
     assert!(rep.cut_off > 0, "{rep:?}");
-    assert!(rep.repaired_after_s.is_some(), "{rep:?}");
-    assert_eq!(rep.final_reach, 1.0, "{rep:?}");
+    assert!(rep.repaired_after_s.is_some_and(|s| s < 20.0), "{rep:?}");
+    assert!(rep.final_reach >= 0.999, "{rep:?}");
+    assert!(
+        rep.missed_after_repair * 1000 <= rep.deliveries_after_repair,
+        "{rep:?}"
+    );
 }
