@@ -263,6 +263,32 @@ fn apps_register_list_remove_and_run_at_the_root() {
         "{text}"
     );
 
+    // Timers fire on the key's root, and only there.
+    let (s, v) = register(
+        &c,
+        0,
+        json!({"name": "ticker", "owner": "alice", "timer_interval_ms": 200,
+               "source": "function timerCb() state.n = (state.n or 0) + 1 end"}),
+    );
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(put(&c, 1, "ticker", "t", &json!(0)).0, StatusCode::OK);
+    let troot: usize = root_of(&c, "ticker", "t")[1..].parse().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let fired: Vec<u64> = (0..3)
+        .map(|i| app_counter(&c, &[i], "ticker", &["events", "timer"]))
+        .collect();
+    assert!(fired[troot] >= 8, "timers at the root: {fired:?}");
+    assert_eq!(
+        fired.iter().sum::<u64>(),
+        fired[troot],
+        "timers off the root: {fired:?}"
+    );
+    let st = c
+        .http(2, Method::GET, "/api/apps/ticker/state/t", None)
+        .unwrap();
+    let st: Value = serde_json::from_slice(&st.body).unwrap();
+    assert!(st["state"]["n"].as_u64().unwrap() >= 8, "{st}");
+
     // Re-registration by the owner keeps the AppId; another owner is refused.
     let (s, v) = register(
         &c,
@@ -344,7 +370,13 @@ fn apps_register_list_remove_and_run_at_the_root() {
         (r.status, serde_json::from_slice::<Value>(&r.body).unwrap())
     };
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(v["apps"], json!([]));
+    let names: Vec<&str> = v["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["ticker"]);
     let r = c.http(1, Method::GET, "/api/apps/notes", None).unwrap();
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }

@@ -710,13 +710,25 @@ fn to_bytes(v: &Json) -> Vec<u8> {
 impl Node {
     // ---- definitions ------------------------------------------------------
 
-    /// The definition of app `name`, from this node's cache or the DHT.
+    /// The definition of app `name`, from this node's cache (a few seconds
+    /// old at most) or the DHT.
     pub async fn app_def(self: &Arc<Self>, name: &str) -> Result<Option<Arc<AppDef>>, OpError> {
         if check_app_name(name).is_err() {
             return Ok(None);
         }
         if let Some(d) = self.apps.cached(name) {
             return Ok(d);
+        }
+        self.app_def_fresh(name).await
+    }
+
+    /// The definition of app `name` as the DHT has it now.
+    pub async fn app_def_fresh(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<Option<Arc<AppDef>>, OpError> {
+        if check_app_name(name).is_err() {
+            return Ok(None);
         }
         let k = self.cfg.replicas as u8;
         let got = match self.get_k(APPS_BUCKET, name, k).await {
@@ -783,7 +795,7 @@ impl Node {
         };
         let mut apps = Vec::new();
         for n in names {
-            match self.app_def(&n).await {
+            match self.app_def_fresh(&n).await {
                 Ok(Some(d)) => apps.push(d.summary()),
                 Ok(None) => {}
                 Err(e) => apps.push(json!({ "name": n, "error": e.to_string() })),

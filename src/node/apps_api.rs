@@ -212,7 +212,7 @@ async fn route_inner(node: &Arc<Node>, req: Request<Incoming>) -> Option<Resp> {
     };
     Some(match tail {
         None => match method {
-            Method::GET => match node.app_def(&name).await {
+            Method::GET => match node.app_def_fresh(&name).await {
                 Ok(Some(d)) => http::json(StatusCode::OK, &d.summary()),
                 Ok(None) => http::error(StatusCode::NOT_FOUND, &format!("no app named {name:?}")),
                 Err(e) => http::error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
