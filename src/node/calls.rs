@@ -18,6 +18,9 @@ pub enum Call {
     Whois { key: NodeId },
     /// A function's invocation or control (see `functions`).
     Fn(super::functions::FnCall),
+    /// Apps: registration, a key's events, policy state (see `apps`).
+    /// Answers with an `apps::Answer`.
+    App(Box<super::apps::AppCall>),
 }
 
 /// The answer to [`Call::Whois`].
@@ -167,6 +170,9 @@ impl Node {
                 postcard::to_allocvec(&info).map_err(|e| e.to_string())
             }
             Call::Fn(c) => self.serve_fn(c).await,
+            Call::App(c) => {
+                postcard::to_allocvec(&self.serve_app(*c).await).map_err(|e| e.to_string())
+            }
         }
     }
 }

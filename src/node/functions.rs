@@ -53,6 +53,7 @@ use crate::http::{self, Resp};
 use crate::id::{NodeHandle, NodeId};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
+use crate::http::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -271,6 +272,35 @@ impl From<&FnError> for FnFail {
             FnError::Engine { .. } => "engine",
         };
         FnFail::new(e.http_status(), kind, e.to_string())
+    }
+}
+
+/// Handlers' `sys.deploy_container` / `sys.delete_container` on the
+/// cluster's functions: the handler's key names the function in its app.
+/// Weak, because the node owns the apps that hold this.
+pub struct HandlerFunctions(pub std::sync::Weak<Node>);
+
+impl super::apps::FunctionControl for HandlerFunctions {
+    fn deploy(&self, app: &str, function: &str) -> BoxFuture<Result<(), String>> {
+        let (node, app, f) = (self.0.upgrade(), app.to_string(), function.to_string());
+        Box::pin(async move {
+            let node = node.ok_or("the node is stopping")?;
+            node.deploy_function(&app, &f)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("{} ({})", e.message, e.kind))
+        })
+    }
+
+    fn undeploy(&self, app: &str, function: &str) -> BoxFuture<Result<(), String>> {
+        let (node, app, f) = (self.0.upgrade(), app.to_string(), function.to_string());
+        Box::pin(async move {
+            let node = node.ok_or("the node is stopping")?;
+            node.undeploy_function(&app, &f)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("{} ({})", e.message, e.kind))
+        })
     }
 }
 

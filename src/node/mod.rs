@@ -5,11 +5,14 @@
 
 pub mod api;
 pub mod boards;
+pub mod apps;
+pub mod apps_api;
 pub mod calls;
 pub mod config;
 pub mod functions;
 pub mod metrics;
 pub mod peers;
+pub mod pubsub;
 pub mod runtime;
 pub mod status;
 pub mod vnodes;
@@ -175,6 +178,8 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     if let Ok(mut h) = node.http.lock() {
         *h = Some(http_addr);
     }
+    let fc = Arc::new(functions::HandlerFunctions(Arc::downgrade(&node)));
+    node.apps.set_functions(fc)?;
     tracing::info!(
         name = %node.name,
         zone = %node.zone,
@@ -189,6 +194,7 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     smol::spawn(node.clone().remember_peers_loop()).detach();
     smol::spawn(node.clone().join_loop(join)).detach();
     smol::spawn(node.clone().functions_loop()).detach();
+    smol::spawn(node.clone().apps_loop()).detach();
     let round = Duration::from_secs_f64(node.cfg.game_round_s);
     smol::spawn(node.clone().game_loop(round)).detach();
     let api: Arc<dyn crate::http::Handler> = Arc::new(api::Api(node.clone()));
@@ -389,8 +395,8 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "routed_delivered": m.route_hops.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>(),
             "route_hops_mean": m.mean_hops(),
         },
-        // Filled in by the handlers integration; the page shows what it holds.
-        "apps": [],
+        "apps": node.apps_status(),
+        "pubsub": node.pubsub_status(),
         "functions": functions::status_json(node),
         "containers": functions::containers_json(node),
     })
@@ -445,5 +451,6 @@ pub fn metrics_text(node: &Node) -> String {
         ),
     ]);
     out.push_str(&functions::metrics_text(node));
+    out.push_str(&node.apps_metrics());
     out
 }
