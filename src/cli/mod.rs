@@ -10,6 +10,8 @@
 mod bench;
 mod client;
 pub mod cluster;
+mod objbench;
+mod objects;
 
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -81,6 +83,18 @@ pub enum Cmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Packages of classes and functions: deploy, list, remove.
+    #[command(subcommand)]
+    Pkg(objects::PkgCmd),
+    /// Objects: create, read, invoke functions, blobs.
+    #[command(subcommand)]
+    Obj(objects::ObjCmd),
+    /// Where an async invocation stands.
+    Inv {
+        id: String,
+        #[command(flatten)]
+        n: objects::NodeArg,
+    },
     /// Simulate the overlay (or the vnode game) in virtual time.
     Sim(SimArgs),
     /// Benchmarks that print their figures.
@@ -121,6 +135,13 @@ pub struct RunArgs {
     /// Log filter, e.g. `info` or `capy=debug`.
     #[arg(long, env = "CAPY_LOG")]
     pub log: Option<String>,
+    /// Extra HTTP listener serving only presigned blob URLs.
+    #[arg(long, value_name = "ADDR")]
+    pub blob_http: Option<SocketAddr>,
+    /// Base URL put into presigned blob URLs (e.g. as function containers
+    /// reach this node).
+    #[arg(long, value_name = "URL")]
+    pub blob_url: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -234,6 +255,9 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Objects on real nodes: built-in update on one hot object, and a
+    /// TASK function against the same container called directly.
+    Obj(objbench::ObjBenchArgs),
 }
 
 /// Entry point of the `capy` binary; returns the process exit code.
@@ -254,6 +278,9 @@ pub fn main() -> i32 {
         Some(Cmd::Rm { key, c }) => client::rm(&c, &key),
         Some(Cmd::Status { json, c }) => client::status(&c, json),
         Some(Cmd::Vnodes { count, c }) => client::vnodes(&c, count.as_deref()),
+        Some(Cmd::Pkg(c)) => objects::pkg(c),
+        Some(Cmd::Obj(c)) => objects::obj(c),
+        Some(Cmd::Inv { id, n }) => objects::inv(&id, &n),
         Some(Cmd::Sim(s)) => client::sim(s),
         Some(Cmd::Bench(b)) => client::bench(b),
         Some(Cmd::Handler(HandlerCmd::Run {

@@ -16,6 +16,9 @@ use std::time::Duration;
 pub enum Call {
     /// Who serves this key? Answers with a [`RootInfo`].
     Whois { key: NodeId },
+    /// Objects: answered by `objects::serve` at an object's (or package
+    /// index's) root.
+    Obj(super::objects::ObjCall),
 }
 
 /// The answer to [`Call::Whois`].
@@ -164,6 +167,7 @@ impl Node {
                 };
                 postcard::to_allocvec(&info).map_err(|e| e.to_string())
             }
+            Call::Obj(c) => Ok(super::objects::serve(self, c).await),
         }
     }
 }

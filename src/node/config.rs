@@ -40,6 +40,12 @@ pub struct NodeConfig {
     pub game_round_s: f64,
     /// Largest value a put may carry, in bytes.
     pub max_value: usize,
+    /// Objects: a second HTTP listener serving only presigned blob URLs
+    /// (for function containers, which cannot reach a loopback `http`).
+    pub blob_http: Option<SocketAddr>,
+    /// Objects: the base URL written into presigned blob URLs (default:
+    /// `http://` + `blob_http`, else + `http`).
+    pub blob_url: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -61,6 +67,8 @@ impl Default for NodeConfig {
             fleet: 100,
             game_round_s: 2.0,
             max_value: crate::store::MAX_VALUE,
+            blob_http: None,
+            blob_url: None,
         }
     }
 }

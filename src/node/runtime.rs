@@ -231,6 +231,7 @@ pub struct Node {
     stopping: AtomicBool,
     pub(crate) identity_vnodes: Vec<NodeId>,
     pub(crate) vnode_control: Mutex<super::vnodes::VnodeControl>,
+    pub(crate) objects: super::objects::Objects,
 }
 
 /// Wall-clock microseconds: the replication core compares tombstone ages
@@ -299,6 +300,7 @@ impl Node {
                     super::vnodes::Mode::Pinned(vnodes_n)
                 },
             )),
+            objects: super::objects::Objects::default(),
             cfg,
         })
     }
@@ -897,6 +899,30 @@ impl Node {
                 self.metrics.store_errors.inc("get");
                 Err(e.into())
             }
+            Outcome::Put(_) => Err(OpError::Internal("reply of the wrong kind".into())),
+        }
+    }
+
+    /// Reads the newest copy of a key among all its replicas, this node's
+    /// included: for a new owner of the key that must not act on a copy
+    /// that missed the last acknowledged write.
+    pub async fn get_newest(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Value>, OpError> {
+        let (req, rx) = self.register();
+        let acts = {
+            let mut cores = self.lock();
+            let replicas = cores.placement(NodeId::for_key(bucket, key), self.k() as usize);
+            cores
+                .replica
+                .get_from(wall_us(), req, bucket, key, &replicas)?
+        };
+        self.store_acts(acts);
+        match self.wait(req, rx).await? {
+            Outcome::Get(Ok(v)) => Ok(v),
+            Outcome::Get(Err(e)) => Err(e.into()),
             Outcome::Put(_) => Err(OpError::Internal("reply of the wrong kind".into())),
         }
     }
