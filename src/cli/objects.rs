@@ -159,6 +159,56 @@ fn read_file(p: &Path, limit: u64) -> Result<Vec<u8>, i32> {
     Ok(buf)
 }
 
+/// Uploads every TASK image that names a file next to the package (the
+/// node validates the package itself afterwards).
+fn upload_images(file: &Path, text: &[u8], n: &NodeArg) -> Result<(), i32> {
+    let Ok(text) = std::str::from_utf8(text) else {
+        return Ok(());
+    };
+    let Ok(doc) = crate::objects::yaml::parse(text) else {
+        return Ok(());
+    };
+    let Some(pkg) = doc.value["name"].as_str() else {
+        return Ok(());
+    };
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let mut images: Vec<&str> = Vec::new();
+    for c in doc.value["classes"].as_array().into_iter().flatten() {
+        for f in c["functions"].as_array().into_iter().flatten() {
+            if let Some(i) = f["image"].as_str() {
+                if !images.contains(&i) {
+                    images.push(i);
+                }
+            }
+        }
+    }
+    for image in images {
+        let path = dir.join(image);
+        if !path.is_file() {
+            continue;
+        }
+        let data = read_file(&path, crate::node::objects::MAX_IMAGE as u64)?;
+        let url = format!(
+            "{}/api/pkg/{}/images?name={}",
+            base(n),
+            percent_encode(pkg),
+            percent_encode(image)
+        );
+        let r = request(&url, Method::PUT, Some((data, "application/x-tar")))?;
+        if !r.status.is_success() {
+            eprintln!(
+                "capy: uploading image {}: {} ({})",
+                path.display(),
+                r.message(),
+                r.status
+            );
+            return Err(EXIT_FAILED);
+        }
+        eprintln!("uploaded image {} for package {pkg}", path.display());
+    }
+    Ok(())
+}
+
 pub fn pkg(c: PkgCmd) -> i32 {
     match c {
         PkgCmd::Deploy { file, n } => {
@@ -166,6 +216,9 @@ pub fn pkg(c: PkgCmd) -> i32 {
                 Ok(t) => t,
                 Err(code) => return code,
             };
+            if let Err(code) = upload_images(&file, &text, &n) {
+                return code;
+            }
             let url = format!(
                 "{}/api/pkg?file={}",
                 base(&n),

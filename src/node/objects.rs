@@ -11,6 +11,10 @@
 //! - `capy.blob`: `OBJECT/BLOB/VERSION`, one value per blob version (at
 //!   most the store's value size).
 //! - `capy.sys`: `presign-key`, the cluster's key for presigned URLs.
+//! - `capy.img`: TASK image archives a package uploaded: `PKG/IMAGE` is a
+//!   manifest (SHA-256, size, pieces), written after the 1 MiB pieces
+//!   `PKG/IMAGE/SHA/i`, so a half-done upload is never used. A TASK whose
+//!   `image` has no manifest is taken as an image reference podman knows.
 //!
 //! Object ids are 32 hex digits. Placement follows the class's `locality`:
 //! `spread` (default) draws ids at random, so objects spread evenly over
@@ -63,7 +67,12 @@ pub const OBJ_BUCKET: &str = "capy.obj";
 pub const PKG_BUCKET: &str = "capy.pkg";
 pub const BLOB_BUCKET: &str = "capy.blob";
 pub const SYS_BUCKET: &str = "capy.sys";
+pub const IMG_BUCKET: &str = "capy.img";
 const PKG_INDEX: &str = "_index";
+/// Image archives are stored in pieces of this size.
+const IMG_CHUNK: usize = 1 << 20;
+/// Largest image archive a package may upload.
+pub const MAX_IMAGE: usize = 64 << 20;
 const PRESIGN_KEY: &str = "presign-key";
 /// Ring bits an object of a `locality: class` class shares with its class.
 pub const LOCALITY_BITS: u32 = 12;
@@ -1285,17 +1294,37 @@ impl<'a> Batch<'a> {
             json!({ "id": self.id, "class": format!("{}.{}", p.name, c.name), "version": w.version }),
         );
         input.insert("function".into(), Value::String(f.name.clone()));
-        let mut spec = FnSpec::new(&p.name, &format!("{}.{}", f.defined_in, f.name), &t.image);
+        let manifest = image_manifest(node, &p.name, &t.image).await;
+        let image_ref = match &manifest {
+            Ok(Some(m)) => format!("{}:{}", crate::containers::IMAGE_REPO, m.sha256),
+            Ok(None) => t.image.clone(),
+            Err(a) => return Err(a.clone()),
+        };
+        let mut spec = FnSpec::new(&p.name, &format!("{}.{}", f.defined_in, f.name), &image_ref);
         spec.timeout = Duration::from_secs(t.timeout_s as u64);
         spec.memory_bytes = t.memory_mib as u64 * (1 << 20);
         let host = node.objects.host(node).await;
-        let image = t.image.clone();
+        let (pkg_name, image) = (p.name.clone(), t.image.clone());
         let res = host
             .invoke(&spec, Value::Object(input), || async move {
-                Err(FnError::ImageUnavailable {
-                    function: image.clone(),
-                    reason: format!("podman on this node does not have image {image}"),
-                })
+                let m = match manifest {
+                    Ok(Some(m)) => m,
+                    _ => {
+                        return Err(FnError::ImageUnavailable {
+                            function: image.clone(),
+                            reason: format!(
+                                "podman on this node does not have image {image}, and package {pkg_name} uploaded no archive by that name"
+                            ),
+                        })
+                    }
+                };
+                load_image_chunks(node, &pkg_name, &image, &m)
+                    .await
+                    .map(|b| crate::containers::ImageSource::Bytes(b.into()))
+                    .map_err(|reason| FnError::ImageUnavailable {
+                        function: image.clone(),
+                        reason,
+                    })
             })
             .await;
         // Which of the fresh versions the function wrote.
@@ -1348,6 +1377,11 @@ impl<'a> Batch<'a> {
             other => (None, other),
         };
         let mut output = output;
+        if output.is_null() && f.output.is_none() {
+            // No output: answer what the caller may see of the new state.
+            let st = state.as_ref().unwrap_or(&w.state);
+            output = json!({ "state": c.visible(st, Level::Public) });
+        }
         if let Some(oc) = &f.output {
             // The output becomes an object of the output class.
             let oid = output_id.unwrap_or_else(|| {
@@ -1505,6 +1539,101 @@ async fn run_macro(
             run.failed(i, &a.message());
         }
     }
+}
+
+// ---- TASK images ------------------------------------------------------------
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ImageManifest {
+    sha256: String,
+    size: u64,
+    chunks: u32,
+}
+
+fn image_key(pkg: &str, image: &str) -> String {
+    format!("{pkg}/{image}")
+}
+
+async fn image_manifest(
+    node: &Arc<Node>,
+    pkg: &str,
+    image: &str,
+) -> Result<Option<ImageManifest>, Answer> {
+    match node.get(IMG_BUCKET, &image_key(pkg, image)).await {
+        Ok(None) => Ok(None),
+        Ok(Some(v)) => serde_json::from_slice(&v.value).map(Some).map_err(|e| {
+            Answer::err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("image manifest of {image}: {e}"),
+            )
+        }),
+        Err(e) => Err(Answer::from_op(e)),
+    }
+}
+
+async fn load_image_chunks(
+    node: &Arc<Node>,
+    pkg: &str,
+    image: &str,
+    m: &ImageManifest,
+) -> Result<Vec<u8>, String> {
+    use sha2::{Digest, Sha256};
+    let mut out = Vec::with_capacity(m.size as usize);
+    for i in 0..m.chunks {
+        let k = format!("{}/{}/{i}", image_key(pkg, image), m.sha256);
+        match node.get(IMG_BUCKET, &k).await {
+            Ok(Some(v)) => out.extend_from_slice(&v.value),
+            Ok(None) => return Err(format!("piece {i} of the image archive is missing")),
+            Err(e) => return Err(format!("reading piece {i} of the image archive: {e}")),
+        }
+    }
+    let got = hex::encode(Sha256::digest(&out));
+    if got != m.sha256 || out.len() as u64 != m.size {
+        return Err(format!(
+            "the stored archive does not match its manifest (SHA-256 {got})"
+        ));
+    }
+    Ok(out)
+}
+
+/// `PUT /api/pkg/{pkg}/images?name=IMAGE`: stores an image archive a
+/// package's TASK functions name; pieces first, manifest last.
+async fn upload_image(node: &Arc<Node>, pkg: &str, req: Request<Incoming>) -> Resp {
+    use sha2::{Digest, Sha256};
+    let Some(image) = query_param(&req, "name").filter(|n| !n.is_empty() && n.len() <= 255) else {
+        return http::error(
+            StatusCode::BAD_REQUEST,
+            "name=IMAGE (as the package's image field says) is required",
+        );
+    };
+    if !crate::objects::package::is_package_name(pkg) {
+        return http::error(StatusCode::BAD_REQUEST, "bad package name");
+    }
+    let body = match http::read_body(req, MAX_IMAGE).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let sha = hex::encode(Sha256::digest(&body));
+    let chunks = body.chunks(IMG_CHUNK).count() as u32;
+    for (i, c) in body.chunks(IMG_CHUNK).enumerate() {
+        let k = format!("{}/{sha}/{i}", image_key(pkg, &image));
+        if let Err(e) = node.put(IMG_BUCKET, &k, Some(c.to_vec())).await {
+            return reply(Answer::from_op(e));
+        }
+    }
+    let m = ImageManifest {
+        sha256: sha.clone(),
+        size: body.len() as u64,
+        chunks,
+    };
+    let v = serde_json::to_vec(&m).unwrap_or_default();
+    if let Err(e) = node.put(IMG_BUCKET, &image_key(pkg, &image), Some(v)).await {
+        return reply(Answer::from_op(e));
+    }
+    http::json(
+        StatusCode::OK,
+        &json!({ "package": pkg, "image": image, "sha256": sha, "size": body.len(), "chunks": chunks }),
+    )
 }
 
 // ---- packages -----------------------------------------------------------------
@@ -1761,6 +1890,10 @@ pub async fn route(node: Arc<Node>, req: Request<Incoming>) -> Resp {
                 node.obj_call(index_key(), ObjCall::Deploy { file, text })
                     .await,
             )
+        }
+        (Method::PUT | Method::POST, ["api", "pkg", name, "images"]) => {
+            let name = name.to_string();
+            upload_image(&node, &name, req).await
         }
         (Method::GET, ["api", "pkg", name]) => match package(&node, name).await {
             Ok(p) => http::json(StatusCode::OK, &summary(&p)),

@@ -615,9 +615,11 @@ fn function(class: &str, f: &RawFunction, at: &str, errs: &mut Errors) -> Option
             unexpected("steps", f.steps.is_some(), errs);
             unexpected("result", f.result.is_some(), errs);
             let image = match &f.image {
-                Some(i) if !i.is_empty() && i.len() <= 1024 => i.clone(),
+                Some(i) if !i.is_empty() && i.len() <= 255 && !i.chars().any(char::is_control) => {
+                    i.clone()
+                }
                 _ => {
-                    errs.add(&format!("{at}.image"), "a TASK function needs an image");
+                    errs.add(&format!("{at}.image"), "a TASK function needs an image (an archive file next to the package, or an image reference), at most 255 characters");
                     String::new()
                 }
             };
@@ -1034,5 +1036,26 @@ classes:
         )
         .unwrap();
         assert_eq!(p.class("A").unwrap().fields["n"].ty, FieldType::Integer);
+    }
+}
+
+#[cfg(test)]
+mod example {
+    #[test]
+    fn the_example_package_is_valid() {
+        let text = include_str!("../../examples/video.yaml");
+        let p = super::parse_package("examples/video.yaml", text).unwrap_or_else(|e| {
+            panic!(
+                "{}",
+                e.iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+        assert_eq!(
+            p.class("HdVideo").unwrap().functions["transcode"].defined_in,
+            "HdVideo"
+        );
     }
 }
