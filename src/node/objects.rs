@@ -86,6 +86,8 @@ const MAX_JSON: usize = 1 << 20;
 const PKG_TTL: Duration = Duration::from_secs(2);
 /// Longest a call waits (TASK timeouts are at most 300 s).
 const CALL_TIMEOUT: Duration = Duration::from_secs(330);
+/// Longest wait for any other call.
+const SHORT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Retry of a log entry whose function was unavailable.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -229,7 +231,16 @@ pub fn new_object_id(pkg: &str, class: &str, locality: Locality) -> String {
 impl Node {
     /// Sends an object call to the root of `key` and returns its answer.
     async fn obj_call(self: &Arc<Self>, key: NodeId, call: ObjCall) -> Answer {
-        match self.call_root(key, Call::Obj(call), CALL_TIMEOUT).await {
+        // Only a synchronous function call may take long; anything else
+        // that gets no answer soon met a failed root.
+        let timeout = match &call {
+            ObjCall::Invoke {
+                asynchronous: false,
+                ..
+            } => CALL_TIMEOUT,
+            _ => SHORT_TIMEOUT,
+        };
+        match self.call_root(key, Call::Obj(call), timeout).await {
             Ok(bytes) => match postcard::from_bytes::<Answer>(&bytes) {
                 Ok(a) => a,
                 Err(e) => Answer::err(StatusCode::BAD_GATEWAY, format!("undecodable answer: {e}")),
