@@ -425,30 +425,43 @@ fn concurrent_calls_to_one_object_apply_in_one_order() {
     let id = new_obj(&c, 0, "video.Playlist", json!({}));
     let (clients, per) = (6usize, 40usize);
     let urls: Vec<String> = (0..clients).map(|k| c.nodes[k % 3].url()).collect();
-    std::thread::scope(|s| {
-        for (k, url) in urls.iter().enumerate() {
-            let id = id.clone();
-            s.spawn(move || {
-                for i in 0..per {
-                    // Half through the TASK function (state in the
-                    // container), half as built-in reads in between.
-                    let r = smol::block_on(capy::http::call(
-                        &format!("{url}/api/obj/{id}/play"),
-                        Method::POST,
-                        None,
-                        Duration::from_secs(60),
-                    ))
-                    .unwrap_or_else(|e| panic!("client {k} call {i}: {e}"));
-                    assert_eq!(
-                        r.status,
-                        StatusCode::OK,
-                        "client {k} call {i}: {}",
-                        r.message()
-                    );
-                }
-            });
-        }
+    let errors: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = urls
+            .iter()
+            .enumerate()
+            .map(|(k, url)| {
+                let id = id.clone();
+                s.spawn(move || {
+                    let mut errors = Vec::new();
+                    for i in 0..per {
+                        // Each call reads the state in the container and
+                        // returns it incremented: any interleaving of two
+                        // calls would lose an increment.
+                        match smol::block_on(capy::http::call(
+                            &format!("{url}/api/obj/{id}/play"),
+                            Method::POST,
+                            None,
+                            Duration::from_secs(60),
+                        )) {
+                            Ok(r) if r.status == StatusCode::OK => {}
+                            Ok(r) => errors.push(format!(
+                                "client {k} call {i}: {} {}",
+                                r.status,
+                                r.message()
+                            )),
+                            Err(e) => errors.push(format!("client {k} call {i}: {e}")),
+                        }
+                    }
+                    errors
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
     });
+    assert!(errors.is_empty(), "failed calls: {errors:?}");
     let o = ok(&c, 2, Method::GET, &format!("/api/obj/{id}"), None);
     assert_eq!(
         o["state"]["plays"],
