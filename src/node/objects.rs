@@ -643,12 +643,9 @@ async fn worker(node: Arc<Node>, id: String, rx: async_channel::Receiver<Job>) {
                 actors.remove(&id);
                 rx.close();
                 drop(actors);
-                // Anything that slipped in after the check goes back.
-                while let Ok(j) = rx.try_recv() {
-                    if let Some(t) = j.reply() {
-                        answer(t, Answer::err(StatusCode::SERVICE_UNAVAILABLE, "retry"));
-                    }
-                }
+                // A job that slipped in after the check is dropped
+                // unanswered: its sender then tries a fresh worker.
+                while rx.try_recv().is_ok() {}
                 return;
             }
             continue;
