@@ -332,7 +332,9 @@ pub struct Objects {
     /// Serialises deploys at the package index's root and the key
     /// creation at the key's root.
     admin: smol::lock::Mutex<()>,
-    host: smol::lock::OnceCell<Arc<FunctionHost>>,
+    /// The function host and when it was connected: one without podman is
+    /// connected again after a while (podman may have been slow or down).
+    host: smol::lock::Mutex<Option<(Arc<FunctionHost>, Instant)>>,
     pub stats: ObjStats,
 }
 
@@ -393,34 +395,37 @@ impl http::Handler for BlobsOnly {
 impl Objects {
     /// The function host for TASK functions, connected on first use.
     async fn host(&self, node: &Arc<Node>) -> Arc<FunctionHost> {
-        self.host
-            .get_or_init(|| async {
-                let socket = std::env::var("CAPY_PODMAN_SOCKET")
-                    .unwrap_or_else(|_| crate::containers::DEFAULT_SOCKET.to_string());
-                let cfg = HostConfig {
-                    // Its own label, so that no other host of this node
-                    // takes these containers for leftovers.
-                    node: format!("{}-objects", node.name),
-                    ..HostConfig::default()
-                };
-                let h = Arc::new(FunctionHost::connect(socket, cfg).await);
-                if h.available().is_ok() {
-                    if let Err(e) = h.cleanup_leftovers().await {
-                        tracing::warn!("removing leftover object containers: {e}");
-                    }
+        let mut g = self.host.lock().await;
+        if let Some((h, at)) = g.as_ref() {
+            if h.available().is_ok() || at.elapsed() < Duration::from_secs(10) {
+                return h.clone();
+            }
+        }
+        let socket = std::env::var("CAPY_PODMAN_SOCKET")
+            .unwrap_or_else(|_| crate::containers::DEFAULT_SOCKET.to_string());
+        let cfg = HostConfig {
+            // Its own label, so that no other host of this node takes
+            // these containers for leftovers.
+            node: format!("{}-objects", node.name),
+            ..HostConfig::default()
+        };
+        let h = Arc::new(FunctionHost::connect(socket, cfg).await);
+        if h.available().is_ok() {
+            if let Err(e) = h.cleanup_leftovers().await {
+                tracing::warn!("removing leftover object containers: {e}");
+            }
+            let t = Arc::downgrade(&h);
+            smol::spawn(async move {
+                loop {
+                    smol::Timer::after(Duration::from_secs(1)).await;
+                    let Some(t) = t.upgrade() else { return };
+                    t.tick(t.now()).await;
                 }
-                let t = h.clone();
-                smol::spawn(async move {
-                    loop {
-                        smol::Timer::after(Duration::from_secs(1)).await;
-                        t.tick(t.now()).await;
-                    }
-                })
-                .detach();
-                h
             })
-            .await
-            .clone()
+            .detach();
+        }
+        *g = Some((h.clone(), Instant::now()));
+        h
     }
 }
 
@@ -2186,5 +2191,40 @@ async fn presigned(node: Arc<Node>, req: Request<Incoming>) -> Resp {
                 Err(e) => reply(Answer::from_op(e)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_locality_puts_objects_in_the_class_arc() {
+        let want = NodeId::for_key(OBJ_BUCKET, "p.C").0 >> (128 - LOCALITY_BITS);
+        for _ in 0..20 {
+            let id = new_object_id("p", "C", Locality::Class);
+            assert!(is_object_id(&id), "{id}");
+            assert_eq!(ring(&id).0 >> (128 - LOCALITY_BITS), want);
+        }
+        // Spread ids land all over the ring.
+        let arcs: std::collections::BTreeSet<u128> = (0..50)
+            .map(|_| ring(&new_object_id("p", "C", Locality::Spread)).0 >> (128 - LOCALITY_BITS))
+            .collect();
+        assert!(arcs.len() > 40, "{}", arcs.len());
+    }
+
+    #[test]
+    fn answers_map_refusals_to_statuses() {
+        let a = Answer::from_refusal(Refusal::Forbidden("field x is PRIVATE".into()));
+        assert_eq!(a.status, 403);
+        assert_eq!(a.message(), "field x is PRIVATE");
+        assert_eq!(
+            Answer::from_refusal(Refusal::NotFound("n".into())).status,
+            404
+        );
+        assert_eq!(
+            Answer::from_refusal(Refusal::Invalid("i".into())).status,
+            400
+        );
     }
 }
