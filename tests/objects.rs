@@ -471,10 +471,10 @@ fn concurrent_calls_to_one_object_apply_in_one_order() {
     assert_eq!(o["version"], (clients * per + 1) as u64, "{o}");
 }
 
-fn root_of(c: &LocalCluster, id: &str) -> usize {
+fn root_of(c: &LocalCluster, via: usize, id: &str) -> usize {
     let v = ok(
         c,
-        0,
+        via,
         Method::GET,
         &format!("/api/root/{id}?bucket=capy.obj"),
         None,
@@ -491,31 +491,76 @@ fn async_calls_are_applied_exactly_once_across_a_sigkill_of_the_root() {
     let (mut c, dir) = cluster(4);
     deploy(&c, &dir);
     let id = new_obj(&c, 0, "video.Playlist", json!({}));
-    let root = root_of(&c, &id);
+    let root = root_of(&c, 0, &id);
     let entries: Vec<usize> = (0..4).filter(|&n| n != root).collect();
+    // Three clients submit concurrently through the other nodes, so the
+    // root holds a backlog in its log when it is killed.
+    let urls: Vec<String> = entries.iter().map(|&n| c.nodes[n].url()).collect();
+    let sent = std::sync::atomic::AtomicUsize::new(0);
+    let per = 100u64;
+    let results: Vec<(u64, Option<String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = urls
+            .iter()
+            .enumerate()
+            .map(|(k, url)| {
+                let (id, sent) = (id.clone(), &sent);
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    for j in 0..per {
+                        let item = k as u64 * 1000 + j;
+                        let r = smol::block_on(capy::http::call(
+                            &format!("{url}/api/obj/{id}/add?async=1"),
+                            Method::POST,
+                            Some((
+                                json!({ "item": item }).to_string().into_bytes(),
+                                "application/json",
+                            )),
+                            Duration::from_secs(30),
+                        ));
+                        let inv = match r {
+                            Ok(r) if r.status == StatusCode::ACCEPTED => {
+                                serde_json::from_slice::<Value>(&r.body)
+                                    .ok()
+                                    .and_then(|v| v["invocation"].as_str().map(str::to_string))
+                            }
+                            _ => None,
+                        };
+                        out.push((item, inv));
+                        sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    out
+                })
+            })
+            .collect();
+        let at = |n: usize| {
+            while sent.load(std::sync::atomic::Ordering::Relaxed) < n {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        at(80);
+        c.kill(root);
+        at(140);
+        let during = root_of(&c, entries[0], &id);
+        assert_ne!(during, root, "the killed node is still named the root");
+        eprintln!(
+            "root {} killed; {} took over",
+            c.nodes[root].name, c.nodes[during].name
+        );
+        at(200);
+        c.start(root).expect("restart the root");
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
     let mut accepted: BTreeMap<u64, String> = BTreeMap::new();
     let mut refused = 0;
-    let total = 300u64;
-    for i in 0..total {
-        if i == 100 {
-            c.kill(root);
-        }
-        let node = entries[i as usize % entries.len()];
-        let r = c.http(
-            node,
-            Method::POST,
-            &format!("/api/obj/{id}/add?async=1"),
-            Some(json!({ "item": i }).to_string().into_bytes()),
-        );
-        match r {
-            Ok(r) if r.status == StatusCode::ACCEPTED => {
-                let v: Value = serde_json::from_slice(&r.body).unwrap();
-                accepted.insert(i, v["invocation"].as_str().unwrap().to_string());
+    for (item, inv) in results {
+        match inv {
+            Some(i) => {
+                accepted.insert(item, i);
             }
-            _ => refused += 1,
-        }
-        if i == 200 {
-            c.start(root).expect("restart the root");
+            None => refused += 1,
         }
     }
     c.wait_http(root, Duration::from_secs(30))
@@ -558,15 +603,20 @@ fn async_calls_are_applied_exactly_once_across_a_sigkill_of_the_root() {
         "{} applied; {extra} of them were not acknowledged to the client",
         items.len()
     );
-    // Applied in the order they were accepted.
-    let acc: Vec<u64> = items
-        .iter()
-        .copied()
-        .filter(|i| accepted.contains_key(i))
-        .collect();
-    let mut sorted = acc.clone();
-    sorted.sort();
-    assert_eq!(acc, sorted, "not applied in acceptance order");
+    // Each client's calls are applied in the order they were accepted.
+    for k in 0..3u64 {
+        let acc: Vec<u64> = items
+            .iter()
+            .copied()
+            .filter(|i| accepted.contains_key(i) && i / 1000 == k)
+            .collect();
+        let mut sorted = acc.clone();
+        sorted.sort();
+        assert_eq!(
+            acc, sorted,
+            "client {k}'s calls not applied in acceptance order"
+        );
+    }
     // Each accepted invocation reports its result.
     let (_, inv) = accepted.iter().next_back().unwrap();
     let s = ok(
