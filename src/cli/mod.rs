@@ -12,6 +12,8 @@ mod bench;
 mod client;
 pub mod cluster;
 mod functions;
+mod objbench;
+mod objects;
 
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -88,6 +90,18 @@ pub enum Cmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Packages of classes and functions: deploy, list, remove.
+    #[command(subcommand)]
+    Pkg(objects::PkgCmd),
+    /// Objects: create, read, invoke functions, blobs.
+    #[command(subcommand)]
+    Obj(objects::ObjCmd),
+    /// Where an async invocation stands.
+    Inv {
+        id: String,
+        #[command(flatten)]
+        n: objects::NodeArg,
+    },
     /// Simulate the overlay (or the vnode game) in virtual time.
     Sim(SimArgs),
     /// Benchmarks that print their figures.
@@ -149,6 +163,13 @@ pub struct RunArgs {
     /// Podman's API socket for function containers.
     #[arg(long, env = "CAPY_PODMAN_SOCKET", value_name = "PATH")]
     pub podman_socket: Option<PathBuf>,
+    /// Extra HTTP listener serving only presigned blob URLs.
+    #[arg(long, value_name = "ADDR")]
+    pub blob_http: Option<SocketAddr>,
+    /// Base URL put into presigned blob URLs (e.g. as function containers
+    /// reach this node).
+    #[arg(long, value_name = "URL")]
+    pub blob_url: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -332,6 +353,9 @@ pub enum BenchCmd {
     /// Function cold starts and warm overhead: the container host alone,
     /// and through real nodes.
     Fn(functions::FnBenchArgs),
+    /// Objects on real nodes: built-in update on one hot object, and a
+    /// TASK function against the same container called directly.
+    Obj(objbench::ObjBenchArgs),
 }
 
 /// Entry point of the `capy` binary; returns the process exit code.
@@ -356,6 +380,9 @@ pub fn main() -> i32 {
         Some(Cmd::Status { json, c }) => client::status(&c, json),
         Some(Cmd::Boards { json }) => crate::node::boards::list_cmd(json),
         Some(Cmd::Vnodes { count, c }) => client::vnodes(&c, count.as_deref()),
+        Some(Cmd::Pkg(c)) => objects::pkg(c),
+        Some(Cmd::Obj(c)) => objects::obj(c),
+        Some(Cmd::Inv { id, n }) => objects::inv(&id, &n),
         Some(Cmd::Sim(s)) => client::sim(s),
         Some(Cmd::Bench(b)) => client::bench(b),
         Some(Cmd::Handler(HandlerCmd::Run {

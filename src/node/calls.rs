@@ -21,6 +21,9 @@ pub enum Call {
     /// Apps: registration, a key's events, policy state (see `apps`).
     /// Answers with an `apps::Answer`.
     App(Box<super::apps::AppCall>),
+    /// Objects: answered by `objects::serve` at an object's (or package
+    /// index's) root.
+    Obj(super::objects::ObjCall),
 }
 
 /// The answer to [`Call::Whois`].
@@ -173,6 +176,7 @@ impl Node {
             Call::App(c) => {
                 postcard::to_allocvec(&self.serve_app(*c).await).map_err(|e| e.to_string())
             }
+            Call::Obj(c) => Ok(super::objects::serve(self, c).await),
         }
     }
 }

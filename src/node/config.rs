@@ -46,6 +46,12 @@ pub struct NodeConfig {
     pub storage_limit: Option<u64>,
     /// `[functions]`: podman's socket, keep-alive, container limits.
     pub functions: super::functions::FunctionsConfig,
+    /// Objects: a second HTTP listener serving only presigned blob URLs
+    /// (for function containers, which cannot reach a loopback `http`).
+    pub blob_http: Option<SocketAddr>,
+    /// Objects: the base URL written into presigned blob URLs (default:
+    /// `http://` + `blob_http`, else + `http`).
+    pub blob_url: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -69,6 +75,8 @@ impl Default for NodeConfig {
             max_value: crate::store::MAX_VALUE,
             storage_limit: None,
             functions: Default::default(),
+            blob_http: None,
+            blob_url: None,
         }
     }
 }

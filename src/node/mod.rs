@@ -11,6 +11,7 @@ pub mod calls;
 pub mod config;
 pub mod functions;
 pub mod metrics;
+pub mod objects;
 pub mod peers;
 pub mod pubsub;
 pub mod runtime;
@@ -78,6 +79,12 @@ pub fn resolve_config(args: &RunArgs) -> Result<NodeConfig, String> {
     }
     if let Some(s) = &args.podman_socket {
         cfg.functions.podman_socket = s.clone();
+    }
+    if let Some(a) = args.blob_http {
+        cfg.blob_http = Some(a);
+    }
+    if let Some(u) = &args.blob_url {
+        cfg.blob_url = Some(u.clone());
     }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
@@ -197,6 +204,7 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     smol::spawn(node.clone().apps_loop()).detach();
     let round = Duration::from_secs_f64(node.cfg.game_round_s);
     smol::spawn(node.clone().game_loop(round)).detach();
+    objects::start(&node).await?;
     let api: Arc<dyn crate::http::Handler> = Arc::new(api::Api(node.clone()));
     smol::spawn(async move {
         if let Err(e) = crate::http::serve(http_listener, api).await {
@@ -374,6 +382,7 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         "leaf_set_capacity": node.cfg.leaf_set,
         "peers": peers,
         "game": node.vnode_status(),
+        "objects": objects::status(node),
         "store": {
             "keys": keys,
             "bytes": bytes,

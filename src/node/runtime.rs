@@ -232,6 +232,7 @@ pub struct Node {
     /// Apps, handlers, timers and pub/sub (see `apps`).
     pub apps: super::apps::Apps,
     pub(crate) vnode_control: Mutex<super::vnodes::VnodeControl>,
+    pub(crate) objects: super::objects::Objects,
 }
 
 /// Wall-clock microseconds: the replication core compares tombstone ages
@@ -308,6 +309,7 @@ impl Node {
                     super::vnodes::Mode::Pinned(vnodes_n)
                 },
             )),
+            objects: super::objects::Objects::default(),
             cfg,
         })
     }
@@ -940,6 +942,30 @@ impl Node {
                 self.metrics.store_errors.inc("get");
                 Err(e.into())
             }
+            Outcome::Put(_) => Err(OpError::Internal("reply of the wrong kind".into())),
+        }
+    }
+
+    /// Reads the newest copy of a key among all its replicas, this node's
+    /// included: for a new owner of the key that must not act on a copy
+    /// that missed the last acknowledged write.
+    pub async fn get_newest(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Value>, OpError> {
+        let (req, rx) = self.register();
+        let acts = {
+            let mut cores = self.lock();
+            let replicas = cores.placement(NodeId::for_key(bucket, key), self.k_of(bucket) as usize);
+            cores
+                .replica
+                .get_from(wall_us(), req, bucket, key, &replicas)?
+        };
+        self.store_acts(acts);
+        match self.wait(req, rx).await? {
+            Outcome::Get(Ok(v)) => Ok(v),
+            Outcome::Get(Err(e)) => Err(e.into()),
             Outcome::Put(_) => Err(OpError::Internal("reply of the wrong kind".into())),
         }
     }
