@@ -49,11 +49,11 @@ use crate::containers::{
     AppStats, ContainerStatus, FnError, FnSpec, FunctionHost, HostConfig, ImageSource, KeepAlive,
     IMAGE_REPO,
 };
+use crate::http::BoxFuture;
 use crate::http::{self, Resp};
 use crate::id::{NodeHandle, NodeId};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
-use crate::http::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};

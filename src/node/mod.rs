@@ -4,9 +4,9 @@
 //! signals. The cores never see a socket or a clock; this module feeds them.
 
 pub mod api;
-pub mod boards;
 pub mod apps;
 pub mod apps_api;
+pub mod boards;
 pub mod calls;
 pub mod config;
 pub mod functions;

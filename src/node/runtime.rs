@@ -957,7 +957,8 @@ impl Node {
         let (req, rx) = self.register();
         let acts = {
             let mut cores = self.lock();
-            let replicas = cores.placement(NodeId::for_key(bucket, key), self.k_of(bucket) as usize);
+            let replicas =
+                cores.placement(NodeId::for_key(bucket, key), self.k_of(bucket) as usize);
             cores
                 .replica
                 .get_from(wall_us(), req, bucket, key, &replicas)?
