@@ -128,11 +128,6 @@ pub struct Metrics {
     pub replication_lag: Histogram,
     pub commit_latency: Histogram,
     pub http_requests: AtomicU64,
-    /// Handler callbacks run, by app (wired by the handlers integration).
-    pub handler_runs: Labeled,
-    /// Handler callbacks that failed, by app.
-    pub handler_errors: Labeled,
-    pub handler_latency: Histogram,
     /// Container starts by kind: "cold" (a new container) or "warm" (an
     /// idle one reused); wired by the functions integration. Both series
     /// are shown from the start (at 0).
@@ -155,9 +150,6 @@ impl Default for Metrics {
             replication_lag: Histogram::default(),
             commit_latency: Histogram::default(),
             http_requests: AtomicU64::new(0),
-            handler_runs: Labeled::default(),
-            handler_errors: Labeled::default(),
-            handler_latency: Histogram::default(),
             container_starts: Labeled::default(),
             vnode_changes: AtomicU64::new(0),
         };
@@ -184,15 +176,6 @@ impl Metrics {
         (n > 0).then(|| sum as f64 / n as f64)
     }
 
-    /// One handler callback of `app` that took `us` and succeeded or not.
-    pub fn record_handler(&self, app: &str, us: u64, ok: bool) {
-        self.handler_runs.inc(app);
-        if !ok {
-            self.handler_errors.inc(app);
-        }
-        self.handler_latency.record_us(us);
-    }
-
     /// Replication lag of copies this node just committed for other roots:
     /// the wall time since their root assigned the version. Anti-entropy
     /// repairs of old copies show up as long lags, which is what they are.
@@ -205,7 +188,7 @@ impl Metrics {
 }
 
 /// A label value in the text format: backslash, quote and newline escaped.
-fn escape_label(v: &str) -> String {
+pub fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
@@ -322,26 +305,6 @@ impl Metrics {
         );
         labeled(
             &mut o,
-            "capy_handler_runs_total",
-            "Handler callbacks run, by app.",
-            "app",
-            &self.handler_runs,
-        );
-        labeled(
-            &mut o,
-            "capy_handler_errors_total",
-            "Handler callbacks that failed, by app.",
-            "app",
-            &self.handler_errors,
-        );
-        hist(
-            &mut o,
-            "capy_handler_latency_seconds",
-            "Handler callback latency.",
-            &self.handler_latency,
-        );
-        labeled(
-            &mut o,
             "capy_container_starts_total",
             "Function invocations by container start: cold (new container) or warm (reused).",
             "kind",
@@ -411,12 +374,8 @@ mod tests {
     #[test]
     fn labels_are_escaped_and_start_series_exist() {
         let m = Metrics::default();
-        m.record_handler("a\"b\\c\nd", 10, false);
+        assert_eq!(escape_label("a\"b\\c\nd"), r#"a\"b\\c\nd"#);
         let t = m.render(&[]);
-        assert!(
-            t.contains(r#"capy_handler_errors_total{app="a\"b\\c\nd"} 1"#),
-            "{t}"
-        );
         assert!(
             t.contains("capy_container_starts_total{kind=\"cold\"} 0"),
             "{t}"
