@@ -457,7 +457,6 @@ fn metrics_parse_and_cover_the_issue_list() {
             ("capy_replication_lag_seconds", "histogram"),
             ("capy_handler_runs_total", "counter"),
             ("capy_handler_errors_total", "counter"),
-            ("capy_handler_latency_seconds", "histogram"),
             ("capy_container_starts_total", "counter"),
             ("capy_store_bytes", "gauge"),
         ] {
@@ -484,6 +483,63 @@ fn metrics_parse_and_cover_the_issue_list() {
     // Each of the 30 writes was committed by two replicas besides its root.
     assert!(lag_total >= 60.0, "replication lag samples: {lag_total}");
     assert!(hops_total >= 30.0, "routed deliveries: {hops_total}");
+
+    // An app whose handler runs on its key's root: three good reads, one
+    // that fails.
+    let app = serde_json::json!({"name": "meter", "owner": "ops", "source":
+        "function readCb(c, a) if a and a.fail then error('asked to fail') end return 'ok' end"});
+    let r = c
+        .http(
+            0,
+            Method::POST,
+            "/api/apps",
+            Some(app.to_string().into_bytes()),
+        )
+        .unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(
+        c.http(1, Method::PUT, "/api/apps/meter/kv/k", Some(b"1".to_vec()))
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    for i in 0..3 {
+        let r = c
+            .http(i, Method::GET, "/api/apps/meter/kv/k", None)
+            .unwrap();
+        assert_eq!(&r.body[..], b"\"ok\"", "node {i}");
+    }
+    let r = c
+        .http(
+            2,
+            Method::GET,
+            "/api/apps/meter/kv/k?args=%7B%22fail%22%3Atrue%7D",
+            None,
+        )
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (mut runs, mut errors, mut timed) = (0.0, 0.0, 0.0);
+    for n in 0..3 {
+        let r = c.http(n, Method::GET, "/metrics", None).unwrap();
+        let text = String::from_utf8_lossy(&r.body).to_string();
+        let (types, s) = parse_metrics(&text).unwrap_or_else(|e| panic!("node {n}: {e}\n{text}"));
+        // Only the key's root runs the handler and has its latency family.
+        if let Some(t) = types.get("capy_handler_latency_seconds") {
+            assert_eq!(t, "histogram");
+        }
+        runs += value(&s, "capy_handler_runs_total", Some(("app", "meter")));
+        errors += value(&s, "capy_handler_errors_total", Some(("app", "meter")));
+        timed += value(&s, "capy_handler_latency_seconds_count", None);
+    }
+    // The update and four reads reached the root's handler.
+    assert!(runs >= 4.0, "handler runs: {runs}");
+    assert_eq!(errors, 1.0);
+    assert!(timed >= 4.0, "handler latency samples: {timed}");
 }
 
 // ---- status page ------------------------------------------------------------

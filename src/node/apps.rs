@@ -1594,7 +1594,10 @@ impl Node {
                 );
             }
         }
-        let _ = writeln!(o, "# HELP capy_handler_latency_seconds Handler callback run time (remote reads included).\n# TYPE capy_handler_latency_seconds histogram");
+        // A histogram family without samples is one a scraper may refuse.
+        if !counters.is_empty() {
+            let _ = writeln!(o, "# HELP capy_handler_latency_seconds Handler callback run time (remote reads included).\n# TYPE capy_handler_latency_seconds histogram");
+        }
         for (app, c) in &counters {
             c.latency.render(
                 &mut o,
