@@ -709,3 +709,67 @@ fn a_node_without_podman_stores_and_says_functions_are_unavailable() {
     assert!(String::from_utf8_lossy(&m.body).contains("capy_fn_available 0"));
     kv_works(&c, 0, "still-here-2");
 }
+
+/// The keep-alive override: an app's handler starts and removes its
+/// function's containers with `sys.deploy_container` / `sys.delete_container`,
+/// with no invocation in between.
+#[test]
+fn a_handler_starts_and_removes_its_function_containers() {
+    let (c, mut clean) = cluster(3, "[functions]\nkeep_alive_s = 600\n", None);
+    let a = archive(4);
+    clean
+        .images
+        .push(capy::containers::FnSpec::image_ref_for(&a));
+    deploy(&c, 0, "warmer/f", "timeout=10", a);
+    let app = json!({"name": "warmer", "owner": "ops", "source": r#"
+        function updateCb(caller, v)
+          if v.containers == "up" then sys.deploy_container("f") end
+          if v.containers == "down" then sys.delete_container("f") end
+          return v
+        end"#});
+    let (s, v) = call(
+        &c,
+        1,
+        Method::POST,
+        "/api/apps",
+        Some(app.to_string().into_bytes()),
+    );
+    assert_eq!(s, StatusCode::OK, "register: {v}");
+    let running =
+        |c: &LocalCluster| -> usize { (0..3).map(|i| containers_of(c, i, "warmer/f").len()).sum() };
+    let set = |c: &LocalCluster, to: &str| {
+        let body = json!({ "containers": to }).to_string().into_bytes();
+        let (s, v) = call(c, 2, Method::PUT, "/api/kv/ctl?bucket=warmer", Some(body));
+        assert_eq!(s, StatusCode::OK, "update: {v}");
+    };
+    // The first write of a key is its creation; updates run updateCb.
+    set(&c, "none");
+    assert_eq!(running(&c), 0, "nothing runs before the handler asks");
+    set(&c, "up");
+    let t = Instant::now();
+    while running(&c) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the handler's deploy_container started no container:\n{}",
+            (0..3)
+                .map(|n| format!("--- node {n} ---\n{}", c.log_tail(n, 15)))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Started warm for the first invocation.
+    let (s, v) = invoke(&c, 0, "warmer/f", json!({"echo": 1}));
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["cold"], false, "{v}");
+    set(&c, "down");
+    let t = Instant::now();
+    while running(&c) != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the handler's delete_container left {} containers",
+            running(&c)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
