@@ -445,7 +445,7 @@ impl Functions {
     }
 
     /// The host, once the first attempt to reach podman ended.
-    async fn host(&self) -> Arc<FunctionHost> {
+    pub(crate) async fn host(&self) -> Arc<FunctionHost> {
         self.ready.wait().await;
         self.current()
     }

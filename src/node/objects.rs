@@ -15,6 +15,8 @@
 //!   manifest (SHA-256, size, pieces), written after the 1 MiB pieces
 //!   `PKG/IMAGE/SHA/i`, so a half-done upload is never used. A TASK whose
 //!   `image` has no manifest is taken as an image reference podman knows.
+//!   TASK containers run on the node's one function host (`functions`):
+//!   one pool, one set of limits and keep-alive, one status view.
 //!
 //! Object ids are 32 hex digits. Placement follows the class's `locality`:
 //! `spread` (default) draws ids at random, so objects spread evenly over
@@ -46,7 +48,7 @@
 
 use super::calls::Call;
 use super::runtime::{Node, OpError};
-use crate::containers::{FnError, FnSpec, FunctionHost, HostConfig};
+use crate::containers::{FnError, FnSpec};
 use crate::http::{self, Resp};
 use crate::id::NodeId;
 use crate::objects::{
@@ -333,9 +335,6 @@ pub struct Objects {
     /// Serialises deploys at the package index's root and the key
     /// creation at the key's root.
     admin: smol::lock::Mutex<()>,
-    /// The function host and when it was connected: one without podman is
-    /// connected again after a while (podman may have been slow or down).
-    host: smol::lock::Mutex<Option<(Arc<FunctionHost>, Instant)>>,
     pub stats: ObjStats,
 }
 
@@ -390,42 +389,6 @@ impl http::Handler for BlobsOnly {
                 )
             }
         })
-    }
-}
-
-impl Objects {
-    /// The function host for TASK functions, connected on first use.
-    async fn host(&self, node: &Arc<Node>) -> Arc<FunctionHost> {
-        let mut g = self.host.lock().await;
-        if let Some((h, at)) = g.as_ref() {
-            if h.available().is_ok() || at.elapsed() < Duration::from_secs(10) {
-                return h.clone();
-            }
-        }
-        let socket = node.cfg.functions.podman_socket.clone();
-        let cfg = HostConfig {
-            // Its own label, so that no other host of this node takes
-            // these containers for leftovers.
-            node: format!("{}-objects", node.name),
-            ..HostConfig::default()
-        };
-        let h = Arc::new(FunctionHost::connect(socket, cfg).await);
-        if h.available().is_ok() {
-            if let Err(e) = h.cleanup_leftovers().await {
-                tracing::warn!("removing leftover object containers: {e}");
-            }
-            let t = Arc::downgrade(&h);
-            smol::spawn(async move {
-                loop {
-                    smol::Timer::after(Duration::from_secs(1)).await;
-                    let Some(t) = t.upgrade() else { return };
-                    t.tick(t.now()).await;
-                }
-            })
-            .detach();
-        }
-        *g = Some((h.clone(), Instant::now()));
-        h
     }
 }
 
@@ -1316,7 +1279,9 @@ impl<'a> Batch<'a> {
         let mut spec = FnSpec::new(&p.name, &format!("{}.{}", f.defined_in, f.name), &image_ref);
         spec.timeout = Duration::from_secs(t.timeout_s as u64);
         spec.memory_bytes = t.memory_mib as u64 * (1 << 20);
-        let host = node.objects.host(node).await;
+        // The node's one function host: TASK containers share its pool,
+        // limits, keep-alive and reconnects with the functions part.
+        let host = node.functions.host().await;
         let (pkg_name, image) = (p.name.clone(), t.image.clone());
         let res = host
             .invoke(&spec, Value::Object(input), || async move {
