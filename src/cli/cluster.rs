@@ -209,6 +209,33 @@ impl LocalCluster {
         }
     }
 
+    /// SIGTERM to every running node at once, then SIGKILL to those still
+    /// running after `grace`.
+    pub fn stop_all(&mut self, grace: Duration) {
+        let mut running: Vec<Child> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.child.take())
+            .collect();
+        for c in &running {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            running.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+            if running.is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for mut c in running {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// SIGTERM and wait: a graceful stop.
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
@@ -317,9 +344,9 @@ impl LocalCluster {
 }
 
 impl Drop for LocalCluster {
+    /// Graceful, so nodes remove their function containers; a test that
+    /// wants a crash calls `kill` itself.
     fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            self.kill(i);
-        }
+        self.stop_all(Duration::from_secs(10));
     }
 }
