@@ -2,8 +2,11 @@
 //! latency model, in virtual time, in one process.
 //! It may call the protocol cores (`overlay`) and `id`; it never opens a
 //! socket or reads a clock inside a core (wall time is only measured
-//! around a run, for the report).
+//! around a run, for the report). `eval` (the paper's evaluations) also
+//! drives the replication core, the vnode game's simulator and the
+//! handler engine with the shipped policies, always in virtual time.
 
+pub mod eval;
 mod overlay;
 mod queue;
 
