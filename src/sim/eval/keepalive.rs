@@ -619,12 +619,24 @@ pub fn adaptive(apps: &[Vec<Micros>], end: Micros) -> Result<Vec<Score>, String>
         .collect();
     let tick = DEFAULT_TIMER_INTERVAL.as_micros() as Micros;
     let mut q: Queue<Ev> = Queue::new(MIN / 16, 64);
-    for (i, a) in apps.iter().enumerate() {
-        if let Some(&t) = a.first() {
-            q.push(t, Ev::Call(i as u32));
+    // The queue starts its calendar at the first push: push in time order.
+    let mut first: Vec<(Micros, u32)> = apps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| a.first().map(|&t| (t, i as u32)))
+        .collect();
+    first.sort_unstable();
+    let mut ticked = false;
+    for (t, i) in first {
+        if !ticked && tick <= t {
+            q.push(tick, Ev::Tick);
+            ticked = true;
         }
+        q.push(t, Ev::Call(i));
     }
-    q.push(tick, Ev::Tick);
+    if !ticked {
+        q.push(tick, Ev::Tick);
+    }
     while let Some((now, ev)) = q.pop(end) {
         host.set_now(now);
         match ev {

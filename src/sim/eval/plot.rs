@@ -294,15 +294,15 @@ fn bars(root: &Area<'_>, p: &Plot, b: &Bars) -> Result<(), String> {
         .margin(16)
         .x_label_area_size(52)
         .y_label_area_size(78)
-        .build_cartesian_2d(0f64..n as f64, 0f64..top)
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..top)
         .map_err(err)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(n + 1)
+        .x_labels(n)
         .x_label_formatter(&|x| {
-            let i = (x - 0.5).round();
-            if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
                 cats.get(i as usize).cloned().unwrap_or_default()
             } else {
                 String::new()
@@ -320,7 +320,7 @@ fn bars(root: &Area<'_>, p: &Plot, b: &Bars) -> Result<(), String> {
         let c = colour(si);
         chart
             .draw_series(vals.iter().enumerate().map(|(ci, v)| {
-                let x = ci as f64 + 0.1 + si as f64 * w;
+                let x = ci as f64 - 0.4 + si as f64 * w;
                 Rectangle::new([(x, 0.0), (x + w * 0.92, v.max(0.0))], c.filled())
             }))
             .map_err(err)?
