@@ -10,7 +10,9 @@ pub mod eval;
 mod overlay;
 mod queue;
 
-pub use overlay::{print_overlay, run_overlay, OverlayReport, OverlaySimOpts};
+pub use overlay::{
+    print_overlay, run_overlay, run_recovery, OverlayReport, OverlaySimOpts, RecoveryReport,
+};
 
 #[cfg(test)]
 mod tests;
