@@ -7,8 +7,10 @@
 //! handler engine with the shipped policies, always in virtual time.
 
 pub mod eval;
+pub mod net;
 mod overlay;
 mod queue;
+pub mod store;
 
 pub use overlay::{
     print_overlay, run_overlay, run_recovery, OverlayReport, OverlaySimOpts, RecoveryReport,

@@ -28,6 +28,7 @@
 //! event is left. A lookup succeeds when delivered at the live node
 //! numerically closest to its key.
 
+use super::net::{access_delay, zone_delays, SplitMix};
 use super::queue::Queue;
 use crate::id::{Micros, NodeHandle, NodeId};
 use crate::overlay::{Action, Config, Msg, Pastry};
@@ -123,27 +124,6 @@ pub struct OverlayReport {
     pub peak_rss_mb: f64,
 }
 
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn id(&mut self) -> NodeId {
-        NodeId(((self.next() as u128) << 64) | self.next() as u128)
-    }
-}
-
 /// Node `i`'s fabricated address: 10.x.y.z, port 7000.
 fn addr_of(i: usize) -> SocketAddr {
     let n = (i + 1) as u32;
@@ -218,17 +198,7 @@ impl Sim {
     fn new(opts: &OverlaySimOpts) -> Sim {
         let mut rng = SplitMix(opts.seed ^ 0x005e_ed0f_ca9f);
         let zones = opts.zones.max(1);
-        let pts: Vec<(f64, f64)> = (0..zones).map(|_| (rng.unit(), rng.unit())).collect();
-        let mut zone_delay = vec![0; zones * zones];
-        for a in 0..zones {
-            for b in 0..zones {
-                if a != b {
-                    let d = ((pts[a].0 - pts[b].0).powi(2) + (pts[a].1 - pts[b].1).powi(2)).sqrt();
-                    zone_delay[a * zones + b] =
-                        10 * MS + (140.0 * MS as f64 * d / std::f64::consts::SQRT_2) as Micros;
-                }
-            }
-        }
+        let zone_delay = zone_delays(zones, &mut rng);
         let nodes = (0..opts.nodes)
             .map(|i| {
                 let id = rng.id();
@@ -245,7 +215,7 @@ impl Sim {
                         cfg,
                     ),
                     zone: rng.below(zones) as u16,
-                    access: 500 + rng.below(2000) as u32,
+                    access: access_delay(&mut rng),
                     alive: true,
                     joined: false,
                 }
