@@ -295,6 +295,16 @@ impl StoreSim {
         self.done.get(&req)
     }
 
+    /// Runs until `req` finished or `limit` of virtual time passed.
+    pub fn wait(&mut self, req: u64, limit: Micros) -> Option<&(Micros, Outcome)> {
+        let end = self.now + limit;
+        while !self.done.contains_key(&req) && self.now < end {
+            let until = (self.now + 5 * MS).min(end);
+            self.run(until);
+        }
+        self.done.get(&req)
+    }
+
     /// Nodes holding a live copy of the key.
     pub fn holders(&self, bucket: &str, key: &str) -> Vec<usize> {
         use crate::store::replica::Backend;

@@ -24,6 +24,8 @@ pub struct Series {
     pub mark: Mark,
     /// Text written next to each point (same length as `points`), if any.
     pub notes: Vec<String>,
+    /// Palette index; by default the series' position.
+    pub colour: Option<usize>,
 }
 
 impl Series {
@@ -33,7 +35,13 @@ impl Series {
             points,
             mark,
             notes: Vec::new(),
+            colour: None,
         }
+    }
+
+    pub fn colour(mut self, i: usize) -> Series {
+        self.colour = Some(i);
+        self
     }
 }
 
@@ -137,6 +145,28 @@ fn span(vals: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     }
 }
 
+/// Axis numbers without trailing zeros.
+fn num(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let a = v.abs();
+    let s = if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 1.0 {
+        format!("{v:.1}")
+    } else if a >= 0.01 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.0e}")
+    };
+    if s.contains('.') && !s.contains('e') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
 fn err<E: std::fmt::Debug>(e: E) -> String {
     format!("cannot draw the figure: {e:?}")
 }
@@ -187,6 +217,8 @@ fn xy(root: &Area<'_>, p: &Plot, xlog: bool, ylog: bool) -> Result<(), String> {
                 .label_style(("sans-serif", 15))
                 .axis_desc_style(("sans-serif", 17))
                 .light_line_style(RGBColor(235, 235, 235))
+                .x_label_formatter(&|v| num(*v))
+                .y_label_formatter(&|v| num(*v))
                 .draw()
                 .map_err(err)?;
             let inside = |q: &(f64, f64)| {
@@ -200,7 +232,7 @@ fn xy(root: &Area<'_>, p: &Plot, xlog: bool, ylog: bool) -> Result<(), String> {
                     && q.1 <= y1
             };
             for (i, s) in p.series.iter().enumerate() {
-                let c = colour(i);
+                let c = colour(s.colour.unwrap_or(i));
                 let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(inside).collect();
                 let line = match s.mark {
                     Mark::Step => {
