@@ -28,7 +28,7 @@
 //! event is left. A lookup succeeds when delivered at the live node
 //! numerically closest to its key.
 
-use super::net::{access_delay, zone_delays, SplitMix};
+use super::net::{access_delay, zone_delays};
 use super::queue::Queue;
 use crate::id::{Micros, NodeHandle, NodeId};
 use crate::overlay::{Action, Config, Msg, Pastry};
@@ -124,6 +124,27 @@ pub struct OverlayReport {
     pub peak_rss_mb: f64,
 }
 
+pub(super) struct SplitMix(pub(super) u64);
+
+impl SplitMix {
+    pub(super) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub(super) fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    pub(super) fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub(super) fn id(&mut self) -> NodeId {
+        NodeId(((self.next() as u128) << 64) | self.next() as u128)
+    }
+}
+
 /// Node `i`'s fabricated address: 10.x.y.z, port 7000.
 fn addr_of(i: usize) -> SocketAddr {
     let n = (i + 1) as u32;
@@ -167,9 +188,9 @@ struct Lookup {
     origin: u32,
     /// Sum of the base delays of the hops taken.
     path: Micros,
-    delivered: Option<(u32, u8)>,
     /// When it was delivered (virtual time).
     at: Micros,
+    delivered: Option<(u32, u8)>,
 }
 
 struct Sim {

@@ -86,7 +86,7 @@ pub struct StoreSim {
     pub zones: usize,
     queue: Queue<Ev>,
     pub now: Micros,
-    pub rng: SplitMix,
+    rng: SplitMix,
     opts: StoreSimOpts,
     next_req: u64,
     /// req -> (node that asked, when it finished, how)
@@ -144,6 +144,11 @@ impl StoreSim {
             messages: 0,
             bytes: 0,
         }
+    }
+
+    /// A seeded random number below `n` (the run's own stream).
+    pub fn below(&mut self, n: usize) -> usize {
+        self.rng.below(n)
     }
 
     pub fn handle(&self, i: usize) -> NodeHandle {

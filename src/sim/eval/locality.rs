@@ -45,7 +45,7 @@ fn one_size(nodes: usize, funcs: usize, calls: usize, size: usize, seed: u64) ->
     s.start_ticks();
     // The functions' data, written through random nodes.
     for f in 0..funcs {
-        let at = s.rng.below(nodes);
+        let at = s.below(nodes);
         let value: Vec<u8> = (0..size).map(|i| (i + f) as u8).collect();
         let req = s.put(at, BUCKET, &format!("f{f}"), value, 3);
         match s.wait(req, 30_000 * MS) {
@@ -55,9 +55,9 @@ fn one_size(nodes: usize, funcs: usize, calls: usize, size: usize, seed: u64) ->
     }
     // Greedy first-fit decreasing by memory, ignoring data.
     let caps = [1024u32, 2048, 4096, 8192];
-    let mut free: Vec<u32> = (0..nodes).map(|_| caps[s.rng.below(caps.len())]).collect();
+    let mut free: Vec<u32> = (0..nodes).map(|_| caps[s.below(caps.len())]).collect();
     let mut demand: Vec<(u32, usize)> = (0..funcs)
-        .map(|f| ([128u32, 256, 512][s.rng.below(3)], f))
+        .map(|f| ([128u32, 256, 512][s.below(3)], f))
         .collect();
     demand.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut packed = vec![0usize; funcs];
@@ -77,15 +77,15 @@ fn one_size(nodes: usize, funcs: usize, calls: usize, size: usize, seed: u64) ->
     };
     let mut local = 0;
     for _ in 0..calls {
-        let f = s.rng.below(funcs);
+        let f = s.below(funcs);
         let key = format!("f{f}");
         let zone = loop {
-            let z = s.rng.below(s.zones);
+            let z = s.below(s.zones);
             if !by_zone[z].is_empty() {
                 break z;
             }
         };
-        let gw = by_zone[zone][s.rng.below(by_zone[zone].len())];
+        let gw = by_zone[zone][s.below(by_zone[zone].len())];
         let root = s.root(NodeId::for_key(BUCKET, &key));
         let holders = s.holders(BUCKET, &key);
         for (exec, into) in [(root, 0), (packed[f], 1)] {
