@@ -37,7 +37,10 @@ fn eval_all_quick_backs_every_claim() {
         .expect("capy runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "capy eval failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "capy eval failed:\n{stdout}\n{stderr}"
+    );
     println!("{stdout}");
     for name in EXPERIMENTS {
         let v = json(&dir.path().join(format!("{name}.json")));
@@ -72,7 +75,9 @@ fn eval_all_quick_backs_every_claim() {
     assert!(index.contains("keepalive.md"));
     // The generated trace is in the Azure format and replays as one.
     let trace = dir.path().join("keepalive-trace");
-    assert!(trace.join("invocations_per_function_md.anon.d01.csv").exists());
+    assert!(trace
+        .join("invocations_per_function_md.anon.d01.csv")
+        .exists());
 }
 
 #[test]
@@ -88,7 +93,10 @@ fn azure_trace_files_replay() {
         }
         s.push('\n');
         for (app, f) in [("a1", "f1"), ("a2", "f2"), ("a3", "f3")] {
-            s.push_str(&format!("o,{app},{f},{}", if app == "a1" { "timer" } else { "http" }));
+            s.push_str(&format!(
+                "o,{app},{f},{}",
+                if app == "a1" { "timer" } else { "http" }
+            ));
             for m in 0..1440 {
                 let c = match app {
                     "a1" => u32::from(m % 30 == 0),

@@ -17,8 +17,7 @@ pub(super) fn zone_delays(zones: usize, rng: &mut SplitMix) -> Vec<Micros> {
     for a in 0..zones {
         for b in 0..zones {
             if a != b {
-                let dist =
-                    ((pts[a].0 - pts[b].0).powi(2) + (pts[a].1 - pts[b].1).powi(2)).sqrt();
+                let dist = ((pts[a].0 - pts[b].0).powi(2) + (pts[a].1 - pts[b].1).powi(2)).sqrt();
                 d[a * zones + b] =
                     10 * MS + (140.0 * MS as f64 * dist / std::f64::consts::SQRT_2) as Micros;
             }

@@ -810,17 +810,21 @@ impl Sim {
                 delivered: None,
                 at: self.now,
             });
-            if let Ok(acts) =
-                self.nodes[origin as usize]
-                    .p
-                    .route(self.now, key, (i as u32).to_le_bytes().to_vec())
-            {
+            if let Ok(acts) = self.nodes[origin as usize].p.route(
+                self.now,
+                key,
+                (i as u32).to_le_bytes().to_vec(),
+            ) {
                 self.apply(origin as usize, acts);
             }
         }
         (first..first + m, roots)
     }
 }
+
+/// A batch of recovery lookups: (launch, lookups, true roots, share of
+/// exact leaf sets then, share of first routes over live hops then).
+type Batch = (Micros, std::ops::Range<usize>, Vec<u32>, f64, f64);
 
 /// Builds an overlay, lets it tick for `warmup`, fails `fail` random nodes
 /// at once, then starts a batch of `batch` lookups (real messages, with
@@ -889,8 +893,7 @@ pub fn run_recovery(
     let m0 = sim.messages;
     sim.lookups.clear();
     let secs = |t: Micros| (t - t0) as f64 / SEC as f64;
-    // (launch, lookups, roots, exact leaf share, first-try share)
-    let mut batches: Vec<(Micros, std::ops::Range<usize>, Vec<u32>, f64, f64)> = Vec::new();
+    let mut batches: Vec<Batch> = Vec::new();
     let mut leaf_at: Option<f64> = None;
     let mut streak: Option<Micros> = None;
     let mut judged = 0;
@@ -937,7 +940,12 @@ pub fn run_recovery(
                     .collect();
                 lookup_ms_first_batch = d.iter().sum::<f64>() / d.len().max(1) as f64;
             }
-            curve.push([secs(*at), *exact, ok as f64 / batch.max(1) as f64, *first_try]);
+            curve.push([
+                secs(*at),
+                *exact,
+                ok as f64 / batch.max(1) as f64,
+                *first_try,
+            ]);
             if ok == batch {
                 streak.get_or_insert(*at);
             } else {

@@ -106,7 +106,7 @@ fn addr_of(i: usize) -> SocketAddr {
 
 impl StoreSim {
     pub fn new(opts: &StoreSimOpts) -> StoreSim {
-        let mut rng = SplitMix(opts.seed ^ 0x0057_0e5e_ed);
+        let mut rng = SplitMix(opts.seed ^ 0x0000_570e_5eed);
         let zones = opts.zones.max(1);
         let zone_delay = zone_delays(zones, &mut rng);
         let mut ring = Vec::new();
@@ -117,7 +117,11 @@ impl StoreSim {
                 for v in &vnodes {
                     ring.push((*v, i as u32));
                 }
-                cores.push(Replicator::new(addr_of(i), opts.replica.clone(), rng.next()));
+                cores.push(Replicator::new(
+                    addr_of(i),
+                    opts.replica.clone(),
+                    rng.next(),
+                ));
                 StoreNode {
                     disk: MemBackend::new(),
                     vnodes,
@@ -188,9 +192,7 @@ impl StoreSim {
             return 0;
         }
         let (na, nb) = (&self.nodes[a], &self.nodes[b]);
-        na.access as Micros
-            + nb.access as Micros
-            + self.zone_delay[na.zone * self.zones + nb.zone]
+        na.access as Micros + nb.access as Micros + self.zone_delay[na.zone * self.zones + nb.zone]
     }
 
     /// Time to move `bytes` from `a` to `b` once the first bit arrived.
@@ -314,9 +316,7 @@ impl StoreSim {
     pub fn holders(&self, bucket: &str, key: &str) -> Vec<usize> {
         use crate::store::replica::Backend;
         (0..self.nodes.len())
-            .filter(|&i| {
-                matches!(self.nodes[i].disk.get(bucket, key), Ok(Some(e)) if !e.deleted)
-            })
+            .filter(|&i| matches!(self.nodes[i].disk.get(bucket, key), Ok(Some(e)) if !e.deleted))
             .collect()
     }
 
@@ -352,9 +352,11 @@ impl StoreSim {
                     for i in 0..self.nodes.len() {
                         let (ring, nodes) = (&self.ring, &self.nodes);
                         let mut acts = self.cores[i].tick(t);
-                        acts.extend(self.cores[i].maintain(t, &nodes[i].disk, &|key, k| {
-                            placement(ring, nodes, key, k)
-                        }));
+                        acts.extend(
+                            self.cores[i].maintain(t, &nodes[i].disk, &|key, k| {
+                                placement(ring, nodes, key, k)
+                            }),
+                        );
                         self.apply(i, acts);
                     }
                     if self.ticking {
@@ -370,7 +372,12 @@ impl StoreSim {
     }
 }
 
-fn placement(ring: &[(NodeId, u32)], nodes: &[StoreNode], key: NodeId, k: usize) -> Vec<NodeHandle> {
+fn placement(
+    ring: &[(NodeId, u32)],
+    nodes: &[StoreNode],
+    key: NodeId,
+    k: usize,
+) -> Vec<NodeHandle> {
     let n = ring.len();
     if n == 0 || k == 0 {
         return Vec::new();

@@ -22,7 +22,9 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     };
     let r = run_game_sim(&g);
     if r.per_node.is_empty() {
-        return Err(EvalError::Run("the game simulation returned no nodes".into()));
+        return Err(EvalError::Run(
+            "the game simulation returned no nodes".into(),
+        ));
     }
     let col = |f: fn(&crate::game::sim::NodeLoad) -> f64| -> Vec<f64> {
         r.per_node.iter().map(f).filter(|x| x.is_finite()).collect()
@@ -50,7 +52,8 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     c.x_log = true;
     c.legend_low = true;
     c.y_range = Some((0.0, 100.0));
-    c.series.push(Series::new("one vnode per node", Mark::Step, cdf(&before)));
+    c.series
+        .push(Series::new("one vnode per node", Mark::Step, cdf(&before)));
     c.series.push(Series::new(
         "after the game (no load feedback)",
         Mark::Step,
@@ -183,7 +186,8 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     });
     Ok(Report {
         name: "balance",
-        title: "Load balance: request load per node before and after the vnode game (Fig. 7)".into(),
+        title: "Load balance: request load per node before and after the vnode game (Fig. 7)"
+            .into(),
         data,
         claims,
         figures: vec![
@@ -194,7 +198,8 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
             },
             Figure {
                 file: "balance-by-class.svg".into(),
-                caption: "Fig. 7b: the most loaded node of each board class, before and after".into(),
+                caption: "Fig. 7b: the most loaded node of each board class, before and after"
+                    .into(),
                 plot: b,
             },
             Figure {

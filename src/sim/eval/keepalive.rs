@@ -104,10 +104,9 @@ pub fn read_day(
     apps: &mut BTreeMap<(String, String), AppTrace>,
 ) -> Result<(), String> {
     let mut fns: BTreeMap<(String, String), std::collections::BTreeSet<String>> = BTreeMap::new();
-    let mut lines = r.lines();
     let mut no = 0usize;
     let mut header = true;
-    while let Some(line) = lines.next() {
+    for line in r.lines() {
         no += 1;
         let line = line.map_err(|e| format!("line {no}: {e}"))?;
         if line.len() > MAX_LINE {
@@ -421,8 +420,12 @@ fn normal(rng: &mut StdRng) -> f64 {
 pub fn write_trace(dir: &Path, days: &[Vec<FunctionRow>]) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     for (d, rows) in days.iter().enumerate() {
-        let p = dir.join(format!("invocations_per_function_md.anon.d{:02}.csv", d + 1));
-        let f = std::fs::File::create(&p).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        let p = dir.join(format!(
+            "invocations_per_function_md.anon.d{:02}.csv",
+            d + 1
+        ));
+        let f =
+            std::fs::File::create(&p).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
         let mut w = std::io::BufWriter::new(f);
         write_day(&mut w, rows)
             .and_then(|_| w.flush())
@@ -839,7 +842,9 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
         by("fixed 120 min"),
         by("fixed 10 min"),
     ) else {
-        return Err(EvalError::Run("a policy is missing from the results".into()));
+        return Err(EvalError::Run(
+            "a policy is missing from the results".into(),
+        ));
     };
 
     // Trace characteristics, to check the generator against the paper.
@@ -938,9 +943,15 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     let mut fixed_s = Series::new("fixed keep-alive", Mark::LinePoints, Vec::new());
     for r in results.iter().filter(|r| r.policy.starts_with("fixed")) {
         fixed_s.points.push((r.idle_vs_fixed10, r.cold_p90));
-        fixed_s.notes.push(r.policy.trim_start_matches("fixed ").to_string());
+        fixed_s
+            .notes
+            .push(r.policy.trim_start_matches("fixed ").to_string());
     }
-    let mut hy_s = Series::new("hybrid histogram", Mark::Points, vec![(hy.idle_vs_fixed10, hy.cold_p90)]);
+    let mut hy_s = Series::new(
+        "hybrid histogram",
+        Mark::Points,
+        vec![(hy.idle_vs_fixed10, hy.cold_p90)],
+    );
     hy_s.notes.push("hybrid".into());
     let mut ad_s = Series::new(
         "adaptive-keepalive (capy)",
@@ -950,7 +961,10 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     ad_s.notes.push("capy".into());
     trade.series = vec![fixed_s, hy_s, ad_s];
     let ymax = results.iter().map(|r| r.cold_p90).fold(0.0, f64::max);
-    let xmax = results.iter().map(|r| r.idle_vs_fixed10).fold(0.0, f64::max);
+    let xmax = results
+        .iter()
+        .map(|r| r.idle_vs_fixed10)
+        .fold(0.0, f64::max);
     trade.x_range = Some((0.0, xmax * 1.15 + 0.1));
     trade.y_range = Some((0.0, ymax * 1.15 + 1.0));
     let mut rate = Plot::new(
@@ -961,7 +975,8 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     rate.x_log = true;
     rate.legend_low = true;
     rate.y_range = Some((0.0, 100.0));
-    rate.series.push(Series::new("apps", Mark::Step, cdf(&per_day)));
+    rate.series
+        .push(Series::new("apps", Mark::Step, cdf(&per_day)));
     rate.series.push(Series::new(
         "once an hour (paper: 45 % of apps at most)",
         Mark::Dashed,
@@ -1002,7 +1017,13 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     for r in &results {
         table.push_str(&format!(
             "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2}x |\n",
-            r.policy, r.cold_p50, r.cold_p75, r.cold_p90, r.cold_p99, r.idle_hours, r.idle_vs_fixed10
+            r.policy,
+            r.cold_p50,
+            r.cold_p75,
+            r.cold_p90,
+            r.cold_p99,
+            r.idle_hours,
+            r.idle_vs_fixed10
         ));
     }
     let summary = format!(
@@ -1083,7 +1104,9 @@ mod tests {
             .sum();
         let total_read: u64 = apps.values().map(AppTrace::invocations).sum();
         assert_eq!(total_rows, total_read);
-        assert!(apps.values().all(|a| a.minutes.windows(2).all(|w| w[0].0 < w[1].0)));
+        assert!(apps
+            .values()
+            .all(|a| a.minutes.windows(2).all(|w| w[0].0 < w[1].0)));
     }
 
     #[test]
@@ -1103,7 +1126,8 @@ mod tests {
     #[test]
     fn generated_trace_matches_the_published_shares() {
         let (_, meta) = generate(4000, 1, 11);
-        let share = |lim: f64| meta.iter().filter(|m| m.1 <= lim).count() as f64 / meta.len() as f64;
+        let share =
+            |lim: f64| meta.iter().filter(|m| m.1 <= lim).count() as f64 / meta.len() as f64;
         let (h, m) = (share(24.0), share(1440.0));
         assert!((0.40..0.50).contains(&h), "at most hourly {h}");
         assert!((0.76..0.86).contains(&m), "at most per minute {m}");

@@ -36,7 +36,13 @@ struct SizeRun {
     packed_local: f64,
 }
 
-fn one_size(nodes: usize, funcs: usize, calls: usize, size: usize, seed: u64) -> Result<SizeRun, String> {
+fn one_size(
+    nodes: usize,
+    funcs: usize,
+    calls: usize,
+    size: usize,
+    seed: u64,
+) -> Result<SizeRun, String> {
     let mut s = StoreSim::new(&StoreSimOpts {
         nodes,
         seed,
@@ -92,7 +98,8 @@ fn one_size(nodes: usize, funcs: usize, calls: usize, size: usize, seed: u64) ->
             if into == 1 && holders.contains(&exec) {
                 local += 1;
             }
-            let legs = s.delay(gw, exec) * 2 + s.transfer(gw, exec, MSG) + s.transfer(exec, gw, MSG);
+            let legs =
+                s.delay(gw, exec) * 2 + s.transfer(gw, exec, MSG) + s.transfer(exec, gw, MSG);
             let t0 = s.now;
             let req = s.get(exec, BUCKET, &key, 3);
             let read = match s.wait(req, 30_000 * MS) {
@@ -115,15 +122,17 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     let (nodes, funcs, calls, sizes): (usize, usize, usize, Vec<usize>) = if opts.quick {
         (100, 24, 150, vec![1 << 10, 64 << 10, 1 << 20])
     } else {
-        (200, 40, 400, vec![1 << 10, 16 << 10, 256 << 10, 1 << 20, 3 << 20])
+        (
+            200,
+            40,
+            400,
+            vec![1 << 10, 16 << 10, 256 << 10, 1 << 20, 3 << 20],
+        )
     };
     let mut runs = Vec::new();
     // The same fleet, functions and calls at every size.
     for &size in &sizes {
-        runs.push(
-            one_size(nodes, funcs, calls, size, opts.seed)
-                .map_err(EvalError::Run)?,
-        );
+        runs.push(one_size(nodes, funcs, calls, size, opts.seed).map_err(EvalError::Run)?);
     }
     let kb = |b: usize| b as f64 / 1024.0;
     let label = |b: usize| {
@@ -141,24 +150,35 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     p.x_log = true;
     p.y_log = true;
     let line = |name: &str, mark: Mark, f: &dyn Fn(&SizeRun) -> f64| {
-        Series::new(name, mark, runs.iter().map(|r| (kb(r.size), f(r))).collect())
+        Series::new(
+            name,
+            mark,
+            runs.iter().map(|r| (kb(r.size), f(r))).collect(),
+        )
     };
     p.series.push(
-        line("capy (runs at its data's root): median", Mark::LinePoints, &|r| {
-            quantile(&r.capy, 0.5)
-        })
+        line(
+            "capy (runs at its data's root): median",
+            Mark::LinePoints,
+            &|r| quantile(&r.capy, 0.5),
+        )
         .colour(0),
     );
     p.series
         .push(line("capy: p90", Mark::Dashed, &|r| quantile(&r.capy, 0.9)).colour(0));
     p.series.push(
-        line("bin-packing, data elsewhere: median", Mark::LinePoints, &|r| {
-            quantile(&r.packed, 0.5)
-        })
+        line(
+            "bin-packing, data elsewhere: median",
+            Mark::LinePoints,
+            &|r| quantile(&r.packed, 0.5),
+        )
         .colour(1),
     );
     p.series.push(
-        line("bin-packing: p90", Mark::Dashed, &|r| quantile(&r.packed, 0.9)).colour(1),
+        line("bin-packing: p90", Mark::Dashed, &|r| {
+            quantile(&r.packed, 0.9)
+        })
+        .colour(1),
     );
     p.x_range = Some((0.5, kb(*sizes.last().unwrap_or(&1024)) * 2.0));
     let mid = &runs[runs.len() / 2];
@@ -170,8 +190,13 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     c.x_log = true;
     c.legend_low = true;
     c.y_range = Some((0.0, 100.0));
-    c.series.push(Series::new("capy", Mark::Step, cdf(&mid.capy)));
-    c.series.push(Series::new("bin-packing baseline", Mark::Step, cdf(&mid.packed)));
+    c.series
+        .push(Series::new("capy", Mark::Step, cdf(&mid.capy)));
+    c.series.push(Series::new(
+        "bin-packing baseline",
+        Mark::Step,
+        cdf(&mid.packed),
+    ));
 
     let rows: Vec<serde_json::Value> = runs
         .iter()
@@ -229,7 +254,8 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
         last.map_or(String::new(), |r| label(r.size)),
         last.map_or(f64::NAN, |r| quantile(&r.capy, 0.5)),
         last.map_or(f64::NAN, |r| quantile(&r.packed, 0.5)),
-        last.map_or(f64::NAN, |r| quantile(&r.packed, 0.5) / quantile(&r.capy, 0.5)),
+        last.map_or(f64::NAN, |r| quantile(&r.packed, 0.5)
+            / quantile(&r.capy, 0.5)),
     );
     Ok(Report {
         name: "locality",

@@ -121,7 +121,12 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), EvalError> {
 }
 
 /// Writes `NAME.json`, the figures and `NAME.md` into `dir`.
-pub fn write_report(r: &Report, dir: &Path, seconds: f64, opts: &EvalOpts) -> Result<(), EvalError> {
+pub fn write_report(
+    r: &Report,
+    dir: &Path,
+    seconds: f64,
+    opts: &EvalOpts,
+) -> Result<(), EvalError> {
     let mut figures = Vec::new();
     for f in &r.figures {
         let svg = plot::svg(&f.plot).map_err(EvalError::Draw)?;
@@ -141,7 +146,10 @@ pub fn write_report(r: &Report, dir: &Path, seconds: f64, opts: &EvalOpts) -> Re
     let text = serde_json::to_string_pretty(&json)
         .map_err(|e| EvalError::Run(format!("cannot encode the report: {e}")))?;
     write(&dir.join(format!("{}.json", r.name)), text.as_bytes())?;
-    write(&dir.join(format!("{}.md", r.name)), markdown(r, seconds, opts).as_bytes())
+    write(
+        &dir.join(format!("{}.md", r.name)),
+        markdown(r, seconds, opts).as_bytes(),
+    )
 }
 
 fn markdown(r: &Report, seconds: f64, opts: &EvalOpts) -> String {
@@ -164,7 +172,10 @@ fn markdown(r: &Report, seconds: f64, opts: &EvalOpts) -> String {
     }
     s.push_str("\n## Figures\n\n");
     for f in &r.figures {
-        s.push_str(&format!("![{}]({})\n\n*{}*\n\n", f.caption, f.file, f.caption));
+        s.push_str(&format!(
+            "![{}]({})\n\n*{}*\n\n",
+            f.caption, f.file, f.caption
+        ));
     }
     s
 }
@@ -186,7 +197,9 @@ pub fn eval_cmd(name: &str, opts: &EvalOpts, check: bool) -> i32 {
     }
     let t_all = Instant::now();
     let mut failed = 0;
-    let mut index = String::from("# capy eval\n\n| experiment | claim | holds | numbers |\n|---|---|---|---|\n");
+    let mut index = String::from(
+        "# capy eval\n\n| experiment | claim | holds | numbers |\n|---|---|---|---|\n",
+    );
     for n in names {
         let t = Instant::now();
         eprintln!("capy eval: {n} ...");

@@ -195,12 +195,8 @@ type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 
 fn xy(root: &Area<'_>, p: &Plot, xlog: bool, ylog: bool) -> Result<(), String> {
     let all = || p.series.iter().flat_map(|s| s.points.iter());
-    let (x0, x1) = p
-        .x_range
-        .unwrap_or_else(|| span(all().map(|q| q.0), xlog));
-    let (y0, y1) = p
-        .y_range
-        .unwrap_or_else(|| span(all().map(|q| q.1), ylog));
+    let (x0, x1) = p.x_range.unwrap_or_else(|| span(all().map(|q| q.0), xlog));
+    let (y0, y1) = p.y_range.unwrap_or_else(|| span(all().map(|q| q.1), ylog));
     let mut b = ChartBuilder::on(root);
     b.caption(&p.title, ("sans-serif", 22))
         .margin(16)
@@ -268,12 +264,20 @@ fn xy(root: &Area<'_>, p: &Plot, xlog: bool, ylog: bool) -> Result<(), String> {
                 }
                 if !s.notes.is_empty() {
                     chart
-                        .draw_series(s.points.iter().zip(&s.notes).filter(|(q, _)| inside(q)).map(
-                            |(q, t)| {
-                                EmptyElement::at(*q)
-                                    + Text::new(t.clone(), (8, -18), ("sans-serif", 14).into_font())
-                            },
-                        ))
+                        .draw_series(
+                            s.points
+                                .iter()
+                                .zip(&s.notes)
+                                .filter(|(q, _)| inside(q))
+                                .map(|(q, t)| {
+                                    EmptyElement::at(*q)
+                                        + Text::new(
+                                            t.clone(),
+                                            (8, -18),
+                                            ("sans-serif", 14).into_font(),
+                                        )
+                                }),
+                        )
                         .map_err(err)?;
                 }
             }
@@ -389,7 +393,12 @@ mod tests {
         ));
         let s = svg(&p).expect("draws");
         assert!(s.starts_with("<svg"));
-        for t in ["Cold starts", "cold-start % per app", "fixed 10 min", "adaptive"] {
+        for t in [
+            "Cold starts",
+            "cold-start % per app",
+            "fixed 10 min",
+            "adaptive",
+        ] {
             assert!(s.contains(t), "{t} missing");
         }
         assert!(s.matches("<polyline").count() >= 2);
@@ -409,7 +418,10 @@ mod tests {
         let mut b = Plot::new("bars", "class", "load");
         b.bars = Some(Bars {
             categories: vec!["pi3".into(), "x86".into()],
-            series: vec![("before".into(), vec![2.0, 0.5]), ("after".into(), vec![1.0, 1.0])],
+            series: vec![
+                ("before".into(), vec![2.0, 0.5]),
+                ("after".into(), vec![1.0, 1.0]),
+            ],
         });
         let s = svg(&b).expect("draws");
         assert!(s.contains("pi3") && s.contains("before"));

@@ -67,8 +67,11 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     );
     p.x_log = true;
     p.x_range = Some((0.8, max_fail as f64 * 1.25));
-    p.series
-        .push(Series::new("leaf sets exact", Mark::LinePoints, pts(|r| r.leaf_sets_seconds)));
+    p.series.push(Series::new(
+        "leaf sets exact",
+        Mark::LinePoints,
+        pts(|r| r.leaf_sets_seconds),
+    ));
     p.series.push(Series::new(
         format!("every lookup reaches the right root ({probes} per second)"),
         Mark::LinePoints,
@@ -172,7 +175,9 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
         worst.map_or(0, |r| r.failed),
         worst
             .and_then(|r| r.recovered_seconds)
-            .map_or("(not within the limit)".to_string(), |s| format!("{s:.1} s of virtual time")),
+            .map_or("(not within the limit)".to_string(), |s| format!(
+                "{s:.1} s of virtual time"
+            )),
     );
     Ok(Report {
         name: "recovery",

@@ -57,7 +57,9 @@ impl Harness {
             s,
             value: serde_json::json!({"reading": 21.5, "unit": "C"}),
             wanted: vec![0; keys],
-            keys: (0..keys).map(|i| AppKey::new(APP, format!("k{i}"))).collect(),
+            keys: (0..keys)
+                .map(|i| AppKey::new(APP, format!("k{i}")))
+                .collect(),
         })
     }
 
@@ -280,7 +282,10 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     a.y_range = Some((0.0, 16.0));
 
     let mut b = Plot::new(
-        &format!("Replicas per app by popularity ({} apps, {} nodes)", apps, fl.nodes),
+        &format!(
+            "Replicas per app by popularity ({} apps, {} nodes)",
+            apps, fl.nodes
+        ),
         "reads per second of the app (log scale)",
         "replicas held at the end",
     );
@@ -299,7 +304,10 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
         hist[c] += 1.0;
     }
     let mut c = Plot::new(
-        &format!("Copies held per node ({} nodes in {} zones)", fl.nodes, fl.zones),
+        &format!(
+            "Copies held per node ({} nodes in {} zones)",
+            fl.nodes, fl.zones
+        ),
         "copies a node holds",
         "nodes",
     );
@@ -354,7 +362,12 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
             ),
         ),
     ];
-    let zones_mean = mean(&fl.zones_per_app.iter().map(|&x| x as f64).collect::<Vec<_>>());
+    let zones_mean = mean(
+        &fl.zones_per_app
+            .iter()
+            .map(|&x| x as f64)
+            .collect::<Vec<_>>(),
+    );
     let summary = format!(
         "Part 1: one key on {nodes_a} nodes, reads at 0.2/s for 10 min, 3/s for 10 min, 15/s \
          for 5 min, then 0.5/s; `timerCb` every minute. Part 2: {apps} apps on {} nodes in {} \
