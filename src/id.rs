@@ -91,6 +91,17 @@ impl NodeId {
         da < db || (da == db && a.0 < b.0)
     }
 
+    /// Orders ids by closeness to `self` (closest first), for sorting.
+    pub fn by_closeness(self, a: NodeId, b: NodeId) -> std::cmp::Ordering {
+        if a == b {
+            std::cmp::Ordering::Equal
+        } else if self.closer(a, b) {
+            std::cmp::Ordering::Less
+        } else {
+            std::cmp::Ordering::Greater
+        }
+    }
+
     /// Short form for logs: the first 8 hex digits.
     pub fn short(self) -> String {
         format!("{:08x}", (self.0 >> 96) as u32)

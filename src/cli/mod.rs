@@ -272,6 +272,9 @@ pub fn main() -> i32 {
             return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
         }
     };
+    if !matches!(cli.cmd, None | Some(Cmd::Run(_))) {
+        restore_sigpipe();
+    }
     match cli.cmd {
         None => crate::node::run_cmd(cli.run),
         Some(Cmd::Run(args)) => crate::node::run_cmd(args),
@@ -301,5 +304,18 @@ pub fn main() -> i32 {
             args,
         })) => crate::handlers::handler_run_cmd(&file, &event, state.as_deref(), args.as_deref()),
         Some(Cmd::CheckStore { path }) => crate::node::check_store_cmd(&path),
+    }
+}
+
+/// Lets `capy get KEY | head` end quietly when the reader goes away, as
+/// shell users expect, instead of failing on every later write. Only for
+/// the short-lived client commands: a node keeps SIGPIPE ignored.
+fn restore_sigpipe() {
+    // SAFETY: called from main before this process starts any thread (no
+    // executor, no runtime yet), so no other code can be changing signal
+    // dispositions concurrently; SIG_DFL is a valid disposition for SIGPIPE
+    // and `signal` has no other preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

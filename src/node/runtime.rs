@@ -140,15 +140,7 @@ pub(crate) fn placement(
         for p in vnodes.values() {
             cand.extend(p.closest(key, k * 4 + 4));
         }
-        cand.sort_by(|a, b| {
-            if a.id == b.id {
-                std::cmp::Ordering::Equal
-            } else if key.closer(a.id, b.id) {
-                std::cmp::Ordering::Less
-            } else {
-                std::cmp::Ordering::Greater
-            }
-        });
+        cand.sort_by(|a, b| key.by_closeness(a.id, b.id));
         let mut out: Vec<NodeHandle> = Vec::with_capacity(k);
         for c in cand {
             if out.iter().all(|o| o.addr != c.addr) {

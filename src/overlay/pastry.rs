@@ -326,15 +326,7 @@ impl Pastry {
         let mut v: Vec<NodeHandle> = std::iter::once(self.me)
             .chain(self.leaf.members().map(|e| e.h))
             .collect();
-        v.sort_by(|a, b| {
-            if a.id == b.id {
-                std::cmp::Ordering::Equal
-            } else if key.closer(a.id, b.id) {
-                std::cmp::Ordering::Less
-            } else {
-                std::cmp::Ordering::Greater
-            }
-        });
+        v.sort_by(|a, b| key.by_closeness(a.id, b.id));
         v.truncate(n);
         v
     }
