@@ -929,11 +929,17 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     );
     idle.legend_low = true;
     idle.y_range = Some((0.0, 100.0));
-    for r in &results {
+    for (i, r) in results.iter().enumerate() {
+        // Fixed windows in the palette's order, the hybrid grey, capy black.
+        let c = match r.policy.as_str() {
+            "hybrid histogram" => 6,
+            "adaptive-keepalive" => 7,
+            _ => i,
+        };
         cold.series
-            .push(Series::new(r.policy.clone(), Mark::Step, cdf(&r.cold_pct)));
+            .push(Series::new(r.policy.clone(), Mark::Step, cdf(&r.cold_pct)).colour(c));
         idle.series
-            .push(Series::new(r.policy.clone(), Mark::Step, cdf(&r.idle_pct)));
+            .push(Series::new(r.policy.clone(), Mark::Step, cdf(&r.idle_pct)).colour(c));
     }
     let mut trade = Plot::new(
         "Cold starts vs idle time, per policy",
@@ -957,7 +963,8 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
         "adaptive-keepalive (capy)",
         Mark::Points,
         vec![(ad.idle_vs_fixed10, ad.cold_p90)],
-    );
+    )
+    .colour(7);
     ad_s.notes.push("capy".into());
     trade.series = vec![fixed_s, hy_s, ad_s];
     let ymax = results.iter().map(|r| r.cold_p90).fold(0.0, f64::max);

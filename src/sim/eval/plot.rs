@@ -26,6 +26,8 @@ pub struct Series {
     pub notes: Vec<String>,
     /// Palette index; by default the series' position.
     pub colour: Option<usize>,
+    /// Vertical offset of the notes, pixels (negative: above the point).
+    pub note_dy: i32,
 }
 
 impl Series {
@@ -36,6 +38,7 @@ impl Series {
             mark,
             notes: Vec::new(),
             colour: None,
+            note_dy: -18,
         }
     }
 
@@ -254,8 +257,9 @@ fn xy(root: &Area<'_>, p: &Plot, xlog: bool, ylog: bool) -> Result<(), String> {
                         .draw_series(pts.iter().map(|q| Circle::new(*q, 6, c.filled())))
                         .map_err(err)?,
                 };
+                let w = if s.mark == Mark::Dashed { 2 } else { 4 };
                 anno.label(s.label.as_str()).legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 22, y)], c.stroke_width(4))
+                    PathElement::new(vec![(x, y), (x + 22, y)], c.stroke_width(w))
                 });
                 if s.mark == Mark::LinePoints {
                     chart
