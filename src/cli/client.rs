@@ -244,6 +244,28 @@ pub fn ca(c: CaCmd) -> i32 {
 
 pub fn sim(s: SimArgs) -> i32 {
     match s.what {
+        Some(SimCmd::Subscribe {
+            nodes,
+            subscribers,
+            topics,
+            publishes,
+            poll_ms,
+            fail_fraction,
+            seed,
+            json,
+        }) => {
+            let opts = crate::sim::SubscribeSimOpts {
+                nodes,
+                subscribers,
+                topics,
+                publishes,
+                poll_interval: poll_ms.saturating_mul(1000),
+                fail_fraction,
+                seed,
+                ..Default::default()
+            };
+            crate::sim::print_subscribe(&opts, json)
+        }
         Some(SimCmd::Game {
             nodes,
             seed,

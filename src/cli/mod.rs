@@ -1,12 +1,13 @@
 //! Command line: `capy run` (the node), `capy ca` (the admin CA), the client
-//! commands that talk to a node's HTTP API (`put`, `get`, `rm`, `status`),
-//! `capy sim` and `capy bench`. Parsing lives here; the work is done by the
+//! commands that talk to a node's HTTP API (`put`, `get`, `rm`, `status`,
+//! `app`, `watch`), `capy sim` and `capy bench`. Parsing lives here; the work is done by the
 //! parts the commands name.
 //!
 //! Exit codes: 0 success; 1 the operation failed (the node's message is
 //! printed); 2 bad usage or bad input file; 3 the node could not be reached;
 //! 4 the key (or object) does not exist.
 
+pub mod apps;
 mod bench;
 mod client;
 pub mod cluster;
@@ -91,6 +92,21 @@ pub enum Cmd {
     /// Try a Lua handler locally, in the node's sandbox and limits.
     #[command(subcommand)]
     Handler(HandlerCmd),
+    /// Register, list and remove apps (handlers and their settings).
+    #[command(subcommand)]
+    App(AppCmd),
+    /// Follow an app's key: one JSON line per server-sent event.
+    Watch {
+        key: String,
+        /// The app (bucket) of the key.
+        #[arg(long)]
+        bucket: String,
+        /// Exit after this many updates.
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long, env = "CAPY_NODE", default_value = "http://127.0.0.1:7070")]
+        node: String,
+    },
     /// Opens a store file and exits: run by `capy run` in a child process,
     /// because the storage engine may abort on some damaged files.
     #[command(name = "__check-store", hide = true)]
@@ -177,6 +193,34 @@ pub struct SimArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum SimCmd {
+    /// Subscription latency: publish through Scribe trees vs polling.
+    Subscribe {
+        #[arg(long, default_value_t = 8000)]
+        nodes: usize,
+        /// Subscriber counts to measure, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "100,200,400,800,1600,3200,6400"
+        )]
+        subscribers: Vec<usize>,
+        /// Keys (trees) per subscriber count.
+        #[arg(long, default_value_t = 4)]
+        topics: usize,
+        /// Publications per key.
+        #[arg(long, default_value_t = 20)]
+        publishes: usize,
+        /// Polling interval of the baseline, in ms.
+        #[arg(long, default_value_t = 1000)]
+        poll_ms: u64,
+        /// Share of nodes failing at once after the measurement (0: skip).
+        #[arg(long, default_value_t = 0.05)]
+        fail_fraction: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// The vnode game on a heterogeneous fleet.
     Game {
         #[arg(long, default_value_t = 1000)]
@@ -222,6 +266,45 @@ pub struct EvalArgs {
     /// Exit with 1 when a claim is not backed by the run.
     #[arg(long)]
     pub check: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AppCmd {
+    /// Register (or update) an app from its TOML file.
+    Register {
+        file: PathBuf,
+        #[arg(long, env = "CAPY_NODE", default_value = "http://127.0.0.1:7070")]
+        node: String,
+    },
+    /// List the registered apps.
+    Ls {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "CAPY_NODE", default_value = "http://127.0.0.1:7070")]
+        node: String,
+    },
+    /// Show one app's definition.
+    Show {
+        name: String,
+        #[arg(long, env = "CAPY_NODE", default_value = "http://127.0.0.1:7070")]
+        node: String,
+    },
+    /// Remove an app (its keys stay in the store).
+    Rm {
+        name: String,
+        /// Refuse unless the app belongs to this owner.
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long, env = "CAPY_NODE", default_value = "http://127.0.0.1:7070")]
+        node: String,
+    },
+    /// Print the live policy state of one key, from its root.
+    State {
+        app: String,
+        key: String,
+        #[arg(long, env = "CAPY_NODE", default_value = "http://127.0.0.1:7070")]
+        node: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -303,6 +386,13 @@ pub fn main() -> i32 {
             state,
             args,
         })) => crate::handlers::handler_run_cmd(&file, &event, state.as_deref(), args.as_deref()),
+        Some(Cmd::App(c)) => apps::app(c),
+        Some(Cmd::Watch {
+            key,
+            bucket,
+            count,
+            node,
+        }) => apps::watch(&key, &bucket, &node, count),
         Some(Cmd::CheckStore { path }) => crate::node::check_store_cmd(&path),
     }
 }

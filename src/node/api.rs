@@ -71,7 +71,16 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Resp {
                 Ok(b) => b,
                 Err(e) => return http::error(StatusCode::BAD_REQUEST, &e),
             };
-            kv(node, method, &bucket, &key, req).await
+            match super::apps_api::kv_route(&node, &method, &bucket).await {
+                super::apps_api::KvRoute::Plain => kv(node, method, &bucket, &key, req).await,
+                super::apps_api::KvRoute::App => {
+                    super::apps_api::app_kv(&node, method, &bucket, &key, req).await
+                }
+                super::apps_api::KvRoute::Refuse(r) => *r,
+            }
+        }
+        (_, p) if p.starts_with("/api/apps") || p.starts_with("/api/watch/") => {
+            super::apps_api::route(&node, req).await
         }
         (Method::GET, "/api/vnodes") => match node.vnode_status() {
             Some(v) => http::json(StatusCode::OK, &v),

@@ -16,6 +16,9 @@ use std::time::Duration;
 pub enum Call {
     /// Who serves this key? Answers with a [`RootInfo`].
     Whois { key: NodeId },
+    /// Apps: registration, a key's events, policy state (see `apps`).
+    /// Answers with an `apps::Answer`.
+    App(Box<super::apps::AppCall>),
 }
 
 /// The answer to [`Call::Whois`].
@@ -163,6 +166,9 @@ impl Node {
                     addr: self.quic,
                 };
                 postcard::to_allocvec(&info).map_err(|e| e.to_string())
+            }
+            Call::App(c) => {
+                postcard::to_allocvec(&self.serve_app(*c).await).map_err(|e| e.to_string())
             }
         }
     }

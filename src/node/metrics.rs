@@ -60,7 +60,7 @@ impl Histogram {
         None
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    pub(crate) fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         let mut acc = 0;
         for (i, b) in self.buckets.iter().enumerate() {

@@ -4,10 +4,13 @@
 //! signals. The cores never see a socket or a clock; this module feeds them.
 
 pub mod api;
+pub mod apps;
+pub mod apps_api;
 pub mod calls;
 pub mod config;
 pub mod metrics;
 pub mod peers;
+pub mod pubsub;
 pub mod runtime;
 pub mod status;
 pub mod vnodes;
@@ -164,6 +167,7 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     smol::spawn(node.clone().tick_loop()).detach();
     smol::spawn(node.clone().remember_peers_loop()).detach();
     smol::spawn(node.clone().join_loop(join)).detach();
+    smol::spawn(node.clone().apps_loop()).detach();
     let round = Duration::from_secs_f64(node.cfg.game_round_s);
     smol::spawn(node.clone().game_loop(round)).detach();
     let api: Arc<dyn crate::http::Handler> = Arc::new(api::Api(node.clone()));
@@ -337,6 +341,8 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "put_p50_us": m.put_latency.quantile_us(0.5),
             "get_p50_us": m.get_latency.quantile_us(0.5),
         },
+        "apps": node.apps_status(),
+        "pubsub": node.pubsub_status(),
     })
 }
 
@@ -360,7 +366,7 @@ pub fn metrics_text(node: &Node) -> String {
             bytes += s.bytes;
         }
     }
-    node.metrics.render(&[
+    let mut text = node.metrics.render(&[
         ("capy_vnodes", "Vnodes this node runs.", vnodes as f64),
         (
             "capy_leaf_set_size",
@@ -387,5 +393,7 @@ pub fn metrics_text(node: &Node) -> String {
             "Seconds since the node started.",
             node.uptime().as_secs_f64(),
         ),
-    ])
+    ]);
+    text.push_str(&node.apps_metrics());
+    text
 }

@@ -40,6 +40,8 @@ pub enum Wire {
         req: u64,
         result: Result<Vec<u8>, String>,
     },
+    /// Multicast trees (see `pubsub`).
+    Scribe(overlay::scribe::Msg),
     /// One round of the vnode game, between nodes' vnode 0.
     Game(crate::game::GameMsg),
 }
@@ -62,6 +64,7 @@ impl Wire {
             Wire::Store(_) => "store",
             Wire::Call { .. } => "call",
             Wire::CallReply { .. } => "call_reply",
+            Wire::Scribe(m) => m.kind(),
             Wire::Game(_) => "game",
         }
     }
@@ -220,8 +223,10 @@ pub struct Node {
     pub(crate) calls: Mutex<HashMap<u64, CallWaiter>>,
     pub(crate) next_req: AtomicU64,
     epoch: Instant,
-    stopping: AtomicBool,
+    pub(crate) stopping: AtomicBool,
     pub(crate) identity_vnodes: Vec<NodeId>,
+    /// Apps, handlers, timers and pub/sub (see `apps`).
+    pub apps: super::apps::Apps,
     pub(crate) vnode_control: Mutex<super::vnodes::VnodeControl>,
 }
 
@@ -280,6 +285,7 @@ impl Node {
             epoch: Instant::now(),
             stopping: AtomicBool::new(false),
             identity_vnodes: identity.vnode_ids().to_vec(),
+            apps: super::apps::Apps::new(),
             vnode_control: Mutex::new(super::vnodes::VnodeControl::new(
                 identity.vnode_id(0),
                 cfg.capacity,
@@ -588,6 +594,10 @@ impl Node {
                     self.complete_call(req, result);
                     continue;
                 }
+                Wire::Scribe(msg) => {
+                    self.scribe_received(from, msg);
+                    continue;
+                }
                 Wire::Game(m) => {
                     self.game_message(rcv.frame.from, m);
                     continue;
@@ -799,17 +809,32 @@ impl Node {
         out.ok_or_else(|| OpError::Timeout("no answer from the store within 30 s".into()))
     }
 
-    fn k(&self) -> u8 {
-        self.cfg.replicas as u8
+    /// Replication factor of `bucket`: its app's, else the node's default.
+    pub fn k_of(&self, bucket: &str) -> u8 {
+        self.apps
+            .replicas_of(bucket)
+            .unwrap_or(self.cfg.replicas as u8)
     }
 
-    /// Writes (or with `None` deletes) a key; returns its new version once a
-    /// majority of its replicas committed it.
+    /// Writes (or with `None` deletes) a key with its bucket's replication
+    /// factor; returns its new version once a majority of its replicas
+    /// committed it.
     pub async fn put(
         self: &Arc<Self>,
         bucket: &str,
         key: &str,
         value: Option<Vec<u8>>,
+    ) -> Result<u64, OpError> {
+        self.put_k(bucket, key, value, self.k_of(bucket)).await
+    }
+
+    /// [`Node::put`] with `k` replicas.
+    pub async fn put_k(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        value: Option<Vec<u8>>,
+        k: u8,
     ) -> Result<u64, OpError> {
         let t = Instant::now();
         let op = if value.is_some() { "put" } else { "delete" };
@@ -821,7 +846,7 @@ impl Node {
                 let mut cores = self.lock();
                 cores
                     .replica
-                    .put(wall_us(), req, bucket, key, value.clone(), self.k())?
+                    .put(wall_us(), req, bucket, key, value.clone(), k)?
             };
             self.store_acts(acts);
             match self.wait(req, rx).await? {
@@ -855,11 +880,21 @@ impl Node {
     /// Reads a key from its root, falling back to the replicas this node
     /// knows when the root is silent.
     pub async fn get(self: &Arc<Self>, bucket: &str, key: &str) -> Result<Option<Value>, OpError> {
+        self.get_k(bucket, key, self.k_of(bucket)).await
+    }
+
+    /// [`Node::get`] of a key kept on `k` replicas.
+    pub async fn get_k(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        k: u8,
+    ) -> Result<Option<Value>, OpError> {
         let t = Instant::now();
         let (req, rx) = self.register();
         let acts = {
             let mut cores = self.lock();
-            cores.replica.get(wall_us(), req, bucket, key, self.k())?
+            cores.replica.get(wall_us(), req, bucket, key, k)?
         };
         self.store_acts(acts);
         let res = match self.wait(req, rx).await? {
@@ -867,7 +902,7 @@ impl Node {
                 let (req, rx) = self.register();
                 let acts = {
                     let mut cores = self.lock();
-                    let replicas = cores.placement(NodeId::for_key(bucket, key), self.k() as usize);
+                    let replicas = cores.placement(NodeId::for_key(bucket, key), k as usize);
                     cores
                         .replica
                         .get_from(wall_us(), req, bucket, key, &replicas)?

@@ -78,6 +78,30 @@ pub fn render_text(v: &Value) -> String {
             );
         }
     }
+    if let Some(apps) = v["apps"].as_array().filter(|a| !a.is_empty()) {
+        let _ = writeln!(o, "apps      {} (handler runs here, as a root)", apps.len());
+        for a in apps {
+            let _ = writeln!(
+                o,
+                "  {:<24} {} calls, {} errors, p50 {} us",
+                s(&a["name"]),
+                s(&a["calls"]),
+                s(&a["errors"]),
+                s(&a["p50_us"])
+            );
+        }
+    }
+    let ps = &v["pubsub"];
+    if ps["watched_keys"].as_u64().unwrap_or(0) > 0 || ps["tree_topics"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            o,
+            "pub/sub   {} trees, {} watched keys, {} SSE clients, {} delivered",
+            s(&ps["tree_topics"]),
+            s(&ps["watched_keys"]),
+            s(&ps["sse_clients"]),
+            s(&ps["delivered"])
+        );
+    }
     o
 }
 

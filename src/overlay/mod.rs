@@ -2,6 +2,8 @@
 //! set, join, route-to-root, probes, repair, leave). It never touches a
 //! socket, clock or file; the node runtime and the simulator feed it.
 //! It may call only `crate::id`; the runtime carries out its [`Action`]s.
+//! [`scribe`] builds multicast trees on the routes Pastry chooses (sans-IO
+//! as well; it asks the overlay for next hops through a small trait).
 //!
 //! One [`Pastry`] per vnode; the runtime dispatches by vnode id (an address
 //! may serve several vnodes). The `from` handle given to [`Pastry::handle`]
@@ -25,6 +27,7 @@
 //!   [`Pastry::send_failed`].
 
 mod pastry;
+pub mod scribe;
 mod table;
 mod wire;
 

@@ -1,5 +1,7 @@
 //! Simulator: the same protocol cores on a virtual network with a zone
-//! latency model, in virtual time, in one process.
+//! latency model, in virtual time, in one process: the overlay (`capy
+//! sim`) and subscriptions through Scribe trees against polling (`capy sim
+//! subscribe`).
 //! It may call the protocol cores (`overlay`) and `id`; it never opens a
 //! socket or reads a clock inside a core (wall time is only measured
 //! around a run, for the report). `eval` (the paper's evaluations) also
@@ -11,9 +13,14 @@ pub mod net;
 mod overlay;
 mod queue;
 pub mod store;
+mod subscribe;
 
 pub use overlay::{
     print_overlay, run_overlay, run_recovery, OverlayReport, OverlaySimOpts, RecoveryReport,
+};
+pub use subscribe::{
+    print_subscribe, run_subscribe, Latency, RepairReport, SubscribeReport, SubscribeRow,
+    SubscribeSimOpts,
 };
 
 #[cfg(test)]

@@ -146,7 +146,7 @@ impl SplitMix {
 }
 
 /// Node `i`'s fabricated address: 10.x.y.z, port 7000.
-fn addr_of(i: usize) -> SocketAddr {
+pub(super) fn addr_of(i: usize) -> SocketAddr {
     let n = (i + 1) as u32;
     SocketAddr::V4(SocketAddrV4::new(
         Ipv4Addr::new(10, (n >> 16) as u8, (n >> 8) as u8, n as u8),
@@ -154,7 +154,7 @@ fn addr_of(i: usize) -> SocketAddr {
     ))
 }
 
-fn index_of(a: &SocketAddr) -> Option<usize> {
+pub(super) fn index_of(a: &SocketAddr) -> Option<usize> {
     match a {
         SocketAddr::V4(v) => {
             let o = v.ip().octets();
@@ -168,12 +168,12 @@ fn index_of(a: &SocketAddr) -> Option<usize> {
     }
 }
 
-struct Node {
-    p: Pastry,
+pub(super) struct Node {
+    pub(super) p: Pastry,
     zone: u16,
     access: u32,
-    alive: bool,
-    joined: bool,
+    pub(super) alive: bool,
+    pub(super) joined: bool,
 }
 
 enum Ev {
@@ -193,14 +193,14 @@ struct Lookup {
     delivered: Option<(u32, u8)>,
 }
 
-struct Sim {
-    nodes: Vec<Node>,
+pub(super) struct Sim {
+    pub(super) nodes: Vec<Node>,
     zone_delay: Vec<Micros>,
-    zones: usize,
+    pub(super) zones: usize,
     queue: Queue<Ev>,
-    now: Micros,
-    rng: SplitMix,
-    send_fail_delay: Micros,
+    pub(super) now: Micros,
+    pub(super) rng: SplitMix,
+    pub(super) send_fail_delay: Micros,
     tick_interval: Micros,
     ticking: bool,
     messages: u64,
@@ -266,7 +266,7 @@ impl Sim {
     }
 
     /// One-way delay between nodes without jitter.
-    fn base_delay(&self, a: usize, b: usize) -> Micros {
+    pub(super) fn base_delay(&self, a: usize, b: usize) -> Micros {
         let (na, nb) = (&self.nodes[a], &self.nodes[b]);
         let z = self.zone_delay[na.zone as usize * self.zones + nb.zone as usize];
         na.access as Micros + nb.access as Micros + z
@@ -276,7 +276,14 @@ impl Sim {
         self.queue.push(at, ev);
     }
 
-    fn apply(&mut self, who: usize, acts: Vec<Action>) {
+    /// One message's one-way delay from `a` to `b`: the base delay plus
+    /// jitter, as every overlay message gets.
+    pub(super) fn delay(&mut self, a: usize, b: usize) -> Micros {
+        let base = self.base_delay(a, b);
+        base + self.rng.below((base / 50 + 100) as usize) as Micros
+    }
+
+    pub(super) fn apply(&mut self, who: usize, acts: Vec<Action>) {
         for a in acts {
             match a {
                 Action::Send { to, msg } => self.send(who, to, msg),
@@ -363,7 +370,7 @@ impl Sim {
     }
 
     /// Runs events up to `until` (or until none are left).
-    fn run(&mut self, until: Micros) {
+    pub(super) fn run(&mut self, until: Micros) {
         while let Some((t, ev)) = self.queue.pop(until) {
             self.now = t;
             self.events += 1;
@@ -410,7 +417,7 @@ impl Sim {
         }
     }
 
-    fn live_sorted(&self) -> Vec<(NodeId, u32)> {
+    pub(super) fn live_sorted(&self) -> Vec<(NodeId, u32)> {
         let mut v: Vec<(NodeId, u32)> = self
             .nodes
             .iter()
@@ -485,7 +492,7 @@ impl Sim {
     }
 
     /// Share of live nodes whose leaf set is exactly the true one.
-    fn exact_leaf_sets(&self) -> f64 {
+    pub(super) fn exact_leaf_sets(&self) -> f64 {
         let live = self.live_sorted();
         let n = live.len();
         if n == 0 {
@@ -508,6 +515,62 @@ impl Sim {
     }
 }
 
+impl Sim {
+    /// A network of `opts.nodes` nodes, every one joined through a node of
+    /// its own zone (phase 1 of the module docs).
+    pub(super) fn build(opts: &OverlaySimOpts) -> Sim {
+        let mut sim = Sim::new(opts);
+        if !sim.nodes.is_empty() {
+            sim.nodes[0].p.bootstrap_alone();
+            sim.apply(0, vec![Action::Joined]);
+            sim.in_flight = 0;
+            sim.start_joins();
+        }
+        sim.run(Micros::MAX);
+        sim
+    }
+
+    /// From now on every live node is ticked every `tick_interval` (first
+    /// at a random phase), until [`Sim::stop_ticking`].
+    pub(super) fn start_ticking(&mut self) {
+        self.ticking = true;
+        let start = self.now;
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].alive {
+                let at = start + self.rng.below(self.tick_interval as usize) as Micros;
+                self.push(at, Ev::Tick(i as u32));
+            }
+        }
+    }
+
+    pub(super) fn stop_ticking(&mut self) {
+        self.ticking = false;
+    }
+
+    /// Ticks every live node until every leaf set is exact (or `limit` of
+    /// virtual time passed), then stops ticking and lets the network go
+    /// quiet. Returns the virtual seconds it took (if it completed), the
+    /// final share of exact leaf sets, and the curve of that share.
+    pub(super) fn repair(&mut self, limit: Micros) -> (Option<f64>, f64, Vec<[f64; 2]>) {
+        let start = self.now;
+        self.start_ticking();
+        let step = SEC / 2;
+        let mut curve = Vec::new();
+        let mut exact = self.exact_leaf_sets();
+        curve.push([0.0, exact]);
+        while exact < 1.0 && self.now - start < limit {
+            let until = self.now + step;
+            self.run(until);
+            exact = self.exact_leaf_sets();
+            curve.push([(self.now - start) as f64 / SEC as f64, exact]);
+        }
+        let done = (exact >= 1.0).then(|| (self.now - start) as f64 / SEC as f64);
+        self.ticking = false;
+        self.run(Micros::MAX);
+        (done, exact, curve)
+    }
+}
+
 struct LookupStats {
     success: f64,
     mean_hops: f64,
@@ -523,7 +586,7 @@ fn lookup_index(payload: &[u8]) -> Option<usize> {
 }
 
 /// Index of the live node numerically closest to `key`.
-fn true_root(live: &[(NodeId, u32)], key: NodeId) -> u32 {
+pub(super) fn true_root(live: &[(NodeId, u32)], key: NodeId) -> u32 {
     let n = live.len();
     let i = live.partition_point(|x| x.0 < key);
     let a = live[i % n];
@@ -536,7 +599,7 @@ fn true_root(live: &[(NodeId, u32)], key: NodeId) -> u32 {
 }
 
 /// Peak resident memory of this process (VmHWM), 0 where unknown.
-fn peak_rss_mb() -> f64 {
+pub(super) fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -553,15 +616,8 @@ fn peak_rss_mb() -> f64 {
 /// after a mass failure, and after repair.
 pub fn run_overlay(opts: &OverlaySimOpts) -> OverlayReport {
     let t0 = Instant::now();
-    let mut sim = Sim::new(opts);
+    let mut sim = Sim::build(opts);
     let n = sim.nodes.len();
-    if n > 0 {
-        sim.nodes[0].p.bootstrap_alone();
-        sim.apply(0, vec![Action::Joined]);
-        sim.in_flight = 0;
-        sim.start_joins();
-    }
-    sim.run(Micros::MAX);
     let build_seconds = t0.elapsed().as_secs_f64();
     let build_virtual = sim.now as f64 / SEC as f64;
     let messages_build = sim.messages;
@@ -601,29 +657,10 @@ pub fn run_overlay(opts: &OverlaySimOpts) -> OverlayReport {
         failure_lookup_seconds = t2.elapsed().as_secs_f64();
         let t3 = Instant::now();
 
-        sim.ticking = true;
-        let start = sim.now;
-        for i in 0..n {
-            if sim.nodes[i].alive {
-                let at = start + sim.rng.below(sim.tick_interval as usize) as Micros;
-                sim.push(at, Ev::Tick(i as u32));
-            }
-        }
-        let step = SEC / 2;
-        let mut exact = sim.exact_leaf_sets();
-        repair_curve.push([0.0, exact]);
-        while exact < 1.0 && sim.now - start < opts.repair_limit {
-            let until = sim.now + step;
-            sim.run(until);
-            exact = sim.exact_leaf_sets();
-            repair_curve.push([(sim.now - start) as f64 / SEC as f64, exact]);
-        }
-        if exact >= 1.0 {
-            repair = Some((sim.now - start) as f64 / SEC as f64);
-        }
+        let (r, exact, curve) = sim.repair(opts.repair_limit);
+        repair = r;
+        repair_curve = curve;
         exact_repair = Some(exact);
-        sim.ticking = false;
-        sim.run(Micros::MAX);
         repair_seconds = t3.elapsed().as_secs_f64();
         after_repair = Some(sim.lookups(opts.lookups));
     }

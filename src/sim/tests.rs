@@ -53,3 +53,48 @@ fn same_seed_same_result() {
     assert_eq!(a.messages, b.messages);
     assert_eq!(a.mean_hops, b.mean_hops);
 }
+
+#[test]
+fn trees_beat_polling_reach_everyone_and_repair() {
+    let opts = SubscribeSimOpts {
+        nodes: 600,
+        subscribers: vec![50, 400],
+        topics: 2,
+        publishes: 5,
+        fail_fraction: 0.1,
+        seed: 4,
+        ..SubscribeSimOpts::default()
+    };
+    let r = run_subscribe(&opts);
+    assert_eq!(r.rows.len(), 2);
+    for row in &r.rows {
+        assert_eq!(row.delivered_ratio, 1.0, "{row:?}");
+        assert_eq!(row.publish.samples, row.subscribers * 2 * 5);
+        assert!(
+            row.publish.median_ms < row.polling.median_ms,
+            "publish {:?} vs polling {:?}",
+            row.publish,
+            row.polling
+        );
+        // the route length: a few hops for 600 nodes
+        assert!((1..=6).contains(&row.tree_depth_max), "{row:?}");
+        // one message per tree edge, not per subscriber from the root
+        assert!(row.root_children < row.subscribers as f64, "{row:?}");
+        assert!(row.messages_per_publish >= row.subscribers as f64);
+    }
+    // polling at 1 s waits half an interval on average
+    assert!(
+        r.rows[0].polling.median_ms > 400.0,
+        "{:?}",
+        r.rows[0].polling
+    );
+    let rep = r.repair.expect("repair phase");
+    assert_eq!(rep.failed_nodes, 60);
+    assert!(rep.cut_off > 0, "{rep:?}");
+    assert!(rep.repaired_after_s.is_some_and(|s| s < 20.0), "{rep:?}");
+    assert!(rep.final_reach >= 0.999, "{rep:?}");
+    assert!(
+        rep.missed_after_repair * 1000 <= rep.deliveries_after_repair,
+        "{rep:?}"
+    );
+}
