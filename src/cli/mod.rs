@@ -245,8 +245,8 @@ pub enum SimCmd {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// keepalive, locality, subscriptions, replication, balance, recovery
-    /// or all.
+    /// keepalive, locality, subscriptions (or subscribe), replication,
+    /// balance, recovery or all.
     pub name: String,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,

@@ -69,6 +69,9 @@ pub struct Plot {
     pub bars: Option<Bars>,
     /// Legend corner: true puts it at the lower right, else upper left.
     pub legend_low: bool,
+    /// Labelled x positions on a log x axis (else only powers of ten are
+    /// labelled, too few when the data spans under two decades).
+    pub x_ticks: Option<Vec<f64>>,
 }
 
 impl Plot {
@@ -84,6 +87,7 @@ impl Plot {
             series: Vec::new(),
             bars: None,
             legend_low: false,
+            x_ticks: None,
         }
     }
 }
@@ -302,15 +306,24 @@ fn xy(root: &Area<'_>, p: &Plot, xlog: bool, ylog: bool) -> Result<(), String> {
             Ok(())
         }};
     }
-    match (xlog, ylog) {
-        (false, false) => body!(b.build_cartesian_2d(x0..x1, y0..y1).map_err(err)?),
-        (true, false) => body!(b
+    match (xlog, ylog, &p.x_ticks) {
+        (true, false, Some(t)) => body!(b
+            .build_cartesian_2d((x0..x1).log_scale().with_key_points(t.clone()), y0..y1)
+            .map_err(err)?),
+        (true, true, Some(t)) => body!(b
+            .build_cartesian_2d(
+                (x0..x1).log_scale().with_key_points(t.clone()),
+                (y0..y1).log_scale()
+            )
+            .map_err(err)?),
+        (false, false, _) => body!(b.build_cartesian_2d(x0..x1, y0..y1).map_err(err)?),
+        (true, false, _) => body!(b
             .build_cartesian_2d((x0..x1).log_scale(), y0..y1)
             .map_err(err)?),
-        (false, true) => body!(b
+        (false, true, _) => body!(b
             .build_cartesian_2d(x0..x1, (y0..y1).log_scale())
             .map_err(err)?),
-        (true, true) => body!(b
+        (true, true, _) => body!(b
             .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
             .map_err(err)?),
     }
