@@ -301,7 +301,9 @@ pub fn sim(s: SimArgs) -> i32 {
 
 pub fn bench(b: BenchCmd) -> i32 {
     match b {
+        BenchCmd::Obj(a) => super::objbench::run(a),
         BenchCmd::Handlers { json } => crate::handlers::bench_handlers(json),
+        BenchCmd::Fn(a) => super::functions::bench(a),
         BenchCmd::Kv {
             nodes,
             ops,

@@ -11,6 +11,9 @@ pub mod apps;
 mod bench;
 mod client;
 pub mod cluster;
+mod functions;
+mod objbench;
+mod objects;
 
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -74,6 +77,11 @@ pub enum Cmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// List the built-in board profiles (`capy run --board NAME`).
+    Boards {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the vnode count, pin it (`capy vnodes 4`) or let the vnode game
     /// decide (`capy vnodes auto`).
     Vnodes {
@@ -81,6 +89,18 @@ pub enum Cmd {
         count: Option<String>,
         #[command(flatten)]
         c: ClientArgs,
+    },
+    /// Packages of classes and functions: deploy, list, remove.
+    #[command(subcommand)]
+    Pkg(objects::PkgCmd),
+    /// Objects: create, read, invoke functions, blobs.
+    #[command(subcommand)]
+    Obj(objects::ObjCmd),
+    /// Where an async invocation stands.
+    Inv {
+        id: String,
+        #[command(flatten)]
+        n: objects::NodeArg,
     },
     /// Simulate the overlay (or the vnode game) in virtual time.
     Sim(SimArgs),
@@ -92,6 +112,9 @@ pub enum Cmd {
     /// Try a Lua handler locally, in the node's sandbox and limits.
     #[command(subcommand)]
     Handler(HandlerCmd),
+    /// Functions: deploy an image, invoke, inspect, remove.
+    #[command(subcommand, name = "fn")]
+    Fn(functions::FnCmd),
     /// Register, list and remove apps (handlers and their settings).
     #[command(subcommand)]
     App(AppCmd),
@@ -133,12 +156,22 @@ pub struct RunArgs {
     /// Configuration file (TOML).
     #[arg(long, env = "CAPY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Board profile to apply (see `boards/`).
+    /// Board profile to apply (`capy boards` lists them).
     #[arg(long)]
     pub board: Option<String>,
     /// Log filter, e.g. `info` or `capy=debug`.
     #[arg(long, env = "CAPY_LOG")]
     pub log: Option<String>,
+    /// Podman's API socket for function containers.
+    #[arg(long, env = "CAPY_PODMAN_SOCKET", value_name = "PATH")]
+    pub podman_socket: Option<PathBuf>,
+    /// Extra HTTP listener serving only presigned blob URLs.
+    #[arg(long, value_name = "ADDR")]
+    pub blob_http: Option<SocketAddr>,
+    /// Base URL put into presigned blob URLs (e.g. as function containers
+    /// reach this node).
+    #[arg(long, value_name = "URL")]
+    pub blob_url: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -344,6 +377,12 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Function cold starts and warm overhead: the container host alone,
+    /// and through real nodes.
+    Fn(functions::FnBenchArgs),
+    /// Objects on real nodes: built-in update on one hot object, and a
+    /// TASK function against the same container called directly.
+    Obj(objbench::ObjBenchArgs),
 }
 
 /// Entry point of the `capy` binary; returns the process exit code.
@@ -366,7 +405,11 @@ pub fn main() -> i32 {
         Some(Cmd::Get { key, out, c }) => client::get(&c, &key, out.as_deref()),
         Some(Cmd::Rm { key, c }) => client::rm(&c, &key),
         Some(Cmd::Status { json, c }) => client::status(&c, json),
+        Some(Cmd::Boards { json }) => crate::node::boards::list_cmd(json),
         Some(Cmd::Vnodes { count, c }) => client::vnodes(&c, count.as_deref()),
+        Some(Cmd::Pkg(c)) => objects::pkg(c),
+        Some(Cmd::Obj(c)) => objects::obj(c),
+        Some(Cmd::Inv { id, n }) => objects::inv(&id, &n),
         Some(Cmd::Sim(s)) => client::sim(s),
         Some(Cmd::Bench(b)) => client::bench(b),
         Some(Cmd::Eval(e)) => crate::sim::eval::eval_cmd(
@@ -394,6 +437,7 @@ pub fn main() -> i32 {
             node,
         }) => apps::watch(&key, &bucket, &node, count),
         Some(Cmd::CheckStore { path }) => crate::node::check_store_cmd(&path),
+        Some(Cmd::Fn(c)) => functions::run(c),
     }
 }
 

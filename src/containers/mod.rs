@@ -52,3 +52,5 @@ pub use host::{
     Timings, IMAGE_REPO,
 };
 pub use podman::{Podman, DEFAULT_SOCKET};
+
+pub(crate) use host::check_archive_magic;

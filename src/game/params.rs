@@ -1,5 +1,6 @@
 //! Cluster settings (R, eps, step) and the mapping from a node's board
 //! profile and measured load to its cost parameters Q_i, L_i and bound S_i.
+//! Board capacities come from the shipped profiles in `boards/`.
 
 use serde::{Deserialize, Serialize};
 
@@ -80,6 +81,8 @@ pub enum ParamError {
     Capacity(f64),
     #[error("max vnodes must be in 1..={MAX_VNODES}, got {0}")]
     MaxVnodes(u32),
+    #[error("board profile: {0}")]
+    Profile(String),
 }
 
 impl NodeParams {
@@ -133,7 +136,7 @@ pub const LOAD_FACTOR_MAX: f64 = 4.0;
 /// One kind of gateway: what a board profile says about it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BoardClass {
-    pub name: &'static str,
+    pub name: String,
     /// Storage relative to the reference board (a Pi 4 with an SSD).
     pub storage_rel: f64,
     /// CPU throughput relative to the reference board.
@@ -142,41 +145,75 @@ pub struct BoardClass {
     pub max_vnodes: u32,
 }
 
+/// The part of a board profile (`boards/*.toml`) the game reads; the node
+/// reads the rest.
+#[derive(Deserialize)]
+struct ProfileView {
+    name: String,
+    max_vnodes: u32,
+    game: ProfileGame,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileGame {
+    storage_rel: f64,
+    cpu_rel: f64,
+}
+
 impl BoardClass {
     pub fn capacity(&self) -> f64 {
         NodeParams::capacity_of(self.storage_rel, self.cpu_rel)
     }
+
+    /// Reads the game's inputs from a board profile's TOML text, so the
+    /// simulator and the node take their numbers from the same file.
+    pub fn from_profile(text: &str) -> Result<BoardClass, ParamError> {
+        let v: ProfileView =
+            toml::from_str(text).map_err(|e| ParamError::Profile(e.to_string()))?;
+        let b = BoardClass {
+            name: v.name,
+            storage_rel: v.game.storage_rel,
+            cpu_rel: v.game.cpu_rel,
+            max_vnodes: v.max_vnodes,
+        };
+        let ok = |x: f64| x.is_finite() && x > 0.0;
+        if !(ok(b.storage_rel) && ok(b.cpu_rel)) {
+            return Err(ParamError::Profile(format!(
+                "{}: storage_rel and cpu_rel must be finite and > 0",
+                b.name
+            )));
+        }
+        NodeParams::new(b.capacity(), b.max_vnodes)?;
+        Ok(b)
+    }
 }
 
-/// The board classes the simulator mixes: from a Pi 3 on an SD card to an
-/// x86 gateway with an NVMe disk.
+/// The shipped board profiles the simulator mixes, weakest first: a Pi 3 on
+/// an SD card, a Pi 4 with an SSD (the reference), an RK3588-class gateway
+/// and an x86 edge box. The simulator's zone mixes index this order.
+pub const SIM_PROFILES: [&str; 4] = [
+    include_str!("../../boards/rpi3.toml"),
+    include_str!("../../boards/rpi4.toml"),
+    include_str!("../../boards/gateway-a64.toml"),
+    include_str!("../../boards/x86-edge.toml"),
+];
+
+/// The board classes the simulator mixes, read from `SIM_PROFILES`. The
+/// profiles are checked by tests, so a broken one cannot ship; should one
+/// still fail to parse, it is replaced by the reference board.
 pub fn sim_boards() -> Vec<BoardClass> {
-    vec![
-        BoardClass {
-            name: "pi3-sd",
-            storage_rel: 0.25,
-            cpu_rel: 0.6,
-            max_vnodes: 32,
-        },
-        BoardClass {
-            name: "pi4-ssd",
-            storage_rel: 1.0,
-            cpu_rel: 1.0,
-            max_vnodes: 64,
-        },
-        BoardClass {
-            name: "rk3588-nvme",
-            storage_rel: 2.0,
-            cpu_rel: 2.5,
-            max_vnodes: 128,
-        },
-        BoardClass {
-            name: "x86-nvme",
-            storage_rel: 4.0,
-            cpu_rel: 5.0,
-            max_vnodes: 256,
-        },
-    ]
+    SIM_PROFILES
+        .iter()
+        .map(|t| {
+            BoardClass::from_profile(t).unwrap_or_else(|_| BoardClass {
+                name: "reference".into(),
+                storage_rel: 1.0,
+                cpu_rel: 1.0,
+                max_vnodes: 64,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -215,5 +252,39 @@ mod tests {
         assert!((NodeParams::capacity_of(4.0, 1.0) - 2.0).abs() < 1e-12);
         let b = &sim_boards()[1];
         assert!((b.capacity() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn shipped_profiles_parse_weakest_first() {
+        let boards = sim_boards();
+        let names: Vec<&str> = boards.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["rpi3", "rpi4", "gateway-a64", "x86-edge"]);
+        for t in SIM_PROFILES {
+            BoardClass::from_profile(t).unwrap();
+        }
+        for w in boards.windows(2) {
+            assert!(w[0].capacity() < w[1].capacity(), "{w:?}");
+            assert!(w[0].max_vnodes <= w[1].max_vnodes, "{w:?}");
+        }
+    }
+
+    #[test]
+    fn bad_profiles_are_refused() {
+        let ok = "name = \"x\"\nmax_vnodes = 8\n[game]\nstorage_rel = 1.0\ncpu_rel = 1.0\n";
+        assert!(BoardClass::from_profile(ok).is_ok());
+        for bad in [
+            ok.replace("cpu_rel = 1.0", "cpu_rel = 0.0"),
+            ok.replace("cpu_rel = 1.0", "cpu_rel = nan"),
+            ok.replace("max_vnodes = 8", "max_vnodes = 0"),
+            ok.replace("[game]", "[gaem]"),
+            ok.replace("storage_rel", "storage"),
+        ] {
+            let e = BoardClass::from_profile(&bad).unwrap_err();
+            assert!(
+                e.to_string().starts_with("board profile")
+                    || matches!(e, ParamError::MaxVnodes(0) | ParamError::Capacity(_)),
+                "{bad}: {e}"
+            );
+        }
     }
 }

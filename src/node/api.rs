@@ -28,6 +28,7 @@ fn op_error(e: OpError) -> Resp {
         OpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         OpError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         OpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        OpError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
     };
     http::error(status, &e.to_string())
 }
@@ -71,6 +72,12 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Resp {
                 Ok(b) => b,
                 Err(e) => return http::error(StatusCode::BAD_REQUEST, &e),
             };
+            if bucket.starts_with("capy.") {
+                return http::error(
+                    StatusCode::FORBIDDEN,
+                    "buckets named capy.* hold objects, packages and keys: use /api/obj and /api/pkg",
+                );
+            }
             match super::apps_api::kv_route(&node, &method, &bucket).await {
                 super::apps_api::KvRoute::Plain => kv(node, method, &bucket, &key, req).await,
                 super::apps_api::KvRoute::App => {
@@ -99,6 +106,8 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Resp {
             };
             root_of(node, &bucket, &key).await
         }
+        (_, p) if p.starts_with("/api/fn/") => super::functions::http_route(node, req).await,
+        (_, p) if super::objects::handles(p) => super::objects::route(node, req).await,
         (_, "/" | "/api/status" | "/metrics") => http::error(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{method} is not allowed on {path}"),

@@ -376,6 +376,7 @@ impl Answer {
             OpError::Invalid(_) => 400,
             OpError::Unavailable(_) => 503,
             OpError::Timeout(_) => 504,
+            OpError::Full(_) => 507,
             OpError::Internal(_) => 500,
         };
         Answer::error(status, &e.to_string())
@@ -1561,7 +1562,7 @@ impl Node {
         use std::fmt::Write;
         let mut o = String::new();
         let counters = self.apps.all_counters();
-        let esc = |s: &str| s.replace(['"', '\\', '\n'], "");
+        let esc = super::metrics::escape_label;
         let _ = writeln!(o, "# HELP capy_handler_runs_total Handler callbacks run on this node.\n# TYPE capy_handler_runs_total counter");
         for (app, c) in &counters {
             for (ev, v) in c.events.snapshot() {

@@ -16,9 +16,14 @@ use std::time::Duration;
 pub enum Call {
     /// Who serves this key? Answers with a [`RootInfo`].
     Whois { key: NodeId },
+    /// A function's invocation or control (see `functions`).
+    Fn(super::functions::FnCall),
     /// Apps: registration, a key's events, policy state (see `apps`).
     /// Answers with an `apps::Answer`.
     App(Box<super::apps::AppCall>),
+    /// Objects: answered by `objects::serve` at an object's (or package
+    /// index's) root.
+    Obj(super::objects::ObjCall),
 }
 
 /// The answer to [`Call::Whois`].
@@ -167,9 +172,11 @@ impl Node {
                 };
                 postcard::to_allocvec(&info).map_err(|e| e.to_string())
             }
+            Call::Fn(c) => self.serve_fn(c).await,
             Call::App(c) => {
                 postcard::to_allocvec(&self.serve_app(*c).await).map_err(|e| e.to_string())
             }
+            Call::Obj(c) => Ok(super::objects::serve(self, c).await),
         }
     }
 }

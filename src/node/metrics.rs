@@ -114,7 +114,6 @@ impl Labeled {
     }
 }
 
-#[derive(Default)]
 pub struct Metrics {
     pub msgs_in: Labeled,
     pub msgs_out: Labeled,
@@ -129,7 +128,35 @@ pub struct Metrics {
     pub replication_lag: Histogram,
     pub commit_latency: Histogram,
     pub http_requests: AtomicU64,
+    /// Container starts by kind: "cold" (a new container) or "warm" (an
+    /// idle one reused); wired by the functions integration. Both series
+    /// are shown from the start (at 0).
+    pub container_starts: Labeled,
     pub vnode_changes: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            msgs_in: Labeled::default(),
+            msgs_out: Labeled::default(),
+            send_failures: AtomicU64::new(0),
+            refused_peers: AtomicU64::new(0),
+            route_hops: std::array::from_fn(|_| AtomicU64::new(0)),
+            store_ops: Labeled::default(),
+            store_errors: Labeled::default(),
+            put_latency: Histogram::default(),
+            get_latency: Histogram::default(),
+            replication_lag: Histogram::default(),
+            commit_latency: Histogram::default(),
+            http_requests: AtomicU64::new(0),
+            container_starts: Labeled::default(),
+            vnode_changes: AtomicU64::new(0),
+        };
+        m.container_starts.add("cold", 0);
+        m.container_starts.add("warm", 0);
+        m
+    }
 }
 
 impl Metrics {
@@ -137,6 +164,47 @@ impl Metrics {
         let i = (hops as usize).min(self.route_hops.len() - 1);
         self.route_hops[i].fetch_add(1, Relaxed);
     }
+
+    /// Mean overlay hops of the routed messages delivered here.
+    pub fn mean_hops(&self) -> Option<f64> {
+        let (mut n, mut sum) = (0u64, 0u64);
+        for (i, c) in self.route_hops.iter().enumerate() {
+            let c = c.load(Relaxed);
+            n += c;
+            sum += c * i as u64;
+        }
+        (n > 0).then(|| sum as f64 / n as f64)
+    }
+
+    /// Replication lag of copies this node just committed for other roots:
+    /// the wall time since their root assigned the version. Anti-entropy
+    /// repairs of old copies show up as long lags, which is what they are.
+    pub fn record_replication_lag(&self, written_at_ms: &[u64], now_us: u64) {
+        for &w in written_at_ms {
+            let lag = now_us.saturating_sub(w.saturating_mul(1000));
+            self.replication_lag.record_us(lag);
+        }
+    }
+}
+
+/// A label value in the text format: backslash, quote and newline escaped.
+pub fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Root timestamps (ms) of the puts in `ops` written by another node's root:
+/// the copies whose commit here is replication.
+pub fn replica_writes(ops: &[crate::store::WriteOp], own: &[crate::id::NodeId]) -> Vec<u64> {
+    ops.iter()
+        .filter_map(|op| match op {
+            crate::store::WriteOp::Put { entry, .. } if !own.contains(&entry.origin) => {
+                Some(entry.written_at_ms)
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 impl Metrics {
@@ -148,7 +216,7 @@ impl Metrics {
         let labeled = |o: &mut String, name: &str, help: &str, label: &str, l: &Labeled| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
             for (k, v) in l.snapshot() {
-                let _ = writeln!(o, "{name}{{{label}=\"{}\"}} {v}", k.replace('"', ""));
+                let _ = writeln!(o, "{name}{{{label}=\"{}\"}} {v}", escape_label(&k));
             }
         };
         let hist = |o: &mut String, name: &str, help: &str, h: &Histogram| {
@@ -235,6 +303,13 @@ impl Metrics {
             "HTTP requests served.",
             self.http_requests.load(Relaxed),
         );
+        labeled(
+            &mut o,
+            "capy_container_starts_total",
+            "Function invocations by container start: cold (new container) or warm (reused).",
+            "kind",
+            &self.container_starts,
+        );
         for (name, help, v) in extra {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
@@ -259,6 +334,56 @@ mod tests {
         assert!(s.contains("x_bucket{le=\"0.0001\"} 3"), "{s}");
         assert!(s.contains("x_bucket{le=\"+Inf\"} 5"), "{s}");
         assert!(s.contains("x_count 5"), "{s}");
+    }
+
+    #[test]
+    fn replication_lag_counts_only_other_roots_copies() {
+        use crate::id::NodeId;
+        use crate::store::{Entry, WriteOp};
+        let entry = |origin: u128, at_ms: u64| Entry {
+            version: 1,
+            origin: NodeId(origin),
+            write_id: 1,
+            deleted: false,
+            k: 3,
+            written_at_ms: at_ms,
+            value: vec![1],
+        };
+        let ops = vec![
+            WriteOp::Put {
+                bucket: "b".into(),
+                key: "mine".into(),
+                entry: entry(1, 5),
+            },
+            WriteOp::Put {
+                bucket: "b".into(),
+                key: "theirs".into(),
+                entry: entry(2, 7),
+            },
+        ];
+        let w = replica_writes(&ops, &[NodeId(1)]);
+        assert_eq!(w, vec![7]);
+        let m = Metrics::default();
+        m.record_replication_lag(&w, 7_000 + 1_500);
+        m.record_replication_lag(&[9_999], 0); // clock behind: lag 0, not a wrap
+        assert_eq!(m.replication_lag.count(), 2);
+        assert_eq!(m.replication_lag.quantile_us(1.0), Some(2_000));
+        assert_eq!(m.replication_lag.quantile_us(0.5), Some(50));
+    }
+
+    #[test]
+    fn labels_are_escaped_and_start_series_exist() {
+        let m = Metrics::default();
+        assert_eq!(escape_label("a\"b\\c\nd"), r#"a\"b\\c\nd"#);
+        let t = m.render(&[]);
+        assert!(
+            t.contains("capy_container_starts_total{kind=\"cold\"} 0"),
+            "{t}"
+        );
+        assert!(
+            t.contains("capy_container_starts_total{kind=\"warm\"} 0"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -6,9 +6,12 @@
 pub mod api;
 pub mod apps;
 pub mod apps_api;
+pub mod boards;
 pub mod calls;
 pub mod config;
+pub mod functions;
 pub mod metrics;
+pub mod objects;
 pub mod peers;
 pub mod pubsub;
 pub mod runtime;
@@ -28,12 +31,31 @@ use std::time::Duration;
 
 pub use runtime::OpError;
 
-/// Defaults, then the config file, then flags.
+/// Defaults, then the board profile (named by `--board` or the file's
+/// `board =`), then the config file, then flags.
 pub fn resolve_config(args: &RunArgs) -> Result<NodeConfig, String> {
-    let mut cfg = match &args.config {
-        Some(p) => NodeConfig::from_file(p).map_err(|e| e.to_string())?,
-        None => NodeConfig::default(),
+    let table = match &args.config {
+        Some(p) => Some((p, NodeConfig::read_table(p).map_err(|e| e.to_string())?)),
+        None => None,
     };
+    let mut cfg = NodeConfig::default();
+    let board = match (
+        &args.board,
+        table.as_ref().and_then(|(_, t)| t.get("board")),
+    ) {
+        (Some(b), _) => Some(b.clone()),
+        (None, Some(toml::Value::String(b))) => Some(b.clone()),
+        (None, Some(other)) => return Err(format!("board = {other}: expected a board name")),
+        (None, None) => None,
+    };
+    if let Some(b) = board {
+        boards::get(&b).map_err(|e| e.to_string())?.apply(&mut cfg);
+    }
+    if let Some((p, t)) = table {
+        cfg = cfg
+            .overlay(t)
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+    }
     if let Some(d) = &args.data {
         cfg.data = Some(d.clone());
     }
@@ -54,6 +76,15 @@ pub fn resolve_config(args: &RunArgs) -> Result<NodeConfig, String> {
     }
     if let Some(l) = &args.log {
         cfg.log = l.clone();
+    }
+    if let Some(s) = &args.podman_socket {
+        cfg.functions.podman_socket = s.clone();
+    }
+    if let Some(a) = args.blob_http {
+        cfg.blob_http = Some(a);
+    }
+    if let Some(u) = &args.blob_url {
+        cfg.blob_url = Some(u.clone());
     }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
@@ -154,6 +185,8 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     if let Ok(mut h) = node.http.lock() {
         *h = Some(http_addr);
     }
+    let fc = Arc::new(functions::HandlerFunctions(Arc::downgrade(&node)));
+    node.apps.set_functions(fc)?;
     tracing::info!(
         name = %node.name,
         zone = %node.zone,
@@ -167,9 +200,11 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     smol::spawn(node.clone().tick_loop()).detach();
     smol::spawn(node.clone().remember_peers_loop()).detach();
     smol::spawn(node.clone().join_loop(join)).detach();
+    smol::spawn(node.clone().functions_loop()).detach();
     smol::spawn(node.clone().apps_loop()).detach();
     let round = Duration::from_secs_f64(node.cfg.game_round_s);
     smol::spawn(node.clone().game_loop(round)).detach();
+    objects::start(&node).await?;
     let api: Arc<dyn crate::http::Handler> = Arc::new(api::Api(node.clone()));
     smol::spawn(async move {
         if let Err(e) = crate::http::serve(http_listener, api).await {
@@ -199,6 +234,7 @@ async fn run(cfg: NodeConfig) -> Result<(), String> {
     tracing::info!("stopping: leaving the overlay");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     node.leave().await;
+    node.functions_shutdown().await;
     Ok(())
 }
 
@@ -274,18 +310,27 @@ async fn wait_for_signal() {
 /// `GET /api/status`.
 pub fn status_json(node: &Node) -> serde_json::Value {
     let cores = node.lock();
-    let mut peers: Vec<serde_json::Value> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    // Peers are other gateways: one row per address, with the vnodes of it
+    // this node knows and the best RTT measured to any of them.
+    let mut by_addr: std::collections::BTreeMap<
+        SocketAddr,
+        (crate::id::NodeId, Vec<crate::id::NodeId>, u64),
+    > = std::collections::BTreeMap::new();
     let mut vnodes = Vec::new();
     let mut min_leaf = usize::MAX;
     for p in cores.vnodes.values() {
         let leaf = p.leaf_set();
         min_leaf = min_leaf.min(leaf.len());
         for (h, rtt) in p.neighbours() {
-            if seen.insert(h.id) {
-                peers.push(
-                    json!({ "id": h.id.to_string(), "addr": h.addr.to_string(), "rtt_us": rtt }),
-                );
+            if h.addr == node.quic {
+                continue;
+            }
+            let e = by_addr.entry(h.addr).or_insert((h.id, Vec::new(), rtt));
+            if !e.1.contains(&h.id) {
+                e.1.push(h.id);
+            }
+            if rtt < e.2 {
+                e.2 = rtt;
             }
         }
         vnodes.push(json!({
@@ -295,6 +340,17 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "routing_fill": p.routing_fill(),
         }));
     }
+    let mut peers: Vec<(u64, serde_json::Value)> = by_addr
+        .into_iter()
+        .map(|(addr, (id, ids, rtt))| {
+            (
+                rtt,
+                json!({ "addr": addr.to_string(), "id": id.to_string(), "vnodes": ids.len(), "rtt_us": rtt }),
+            )
+        })
+        .collect();
+    peers.sort_by_key(|p| p.0);
+    let peers: Vec<serde_json::Value> = peers.into_iter().map(|p| p.1).collect();
     let joined = cores.vnodes.values().all(|p| p.joined());
     let rstats = cores.replica.stats();
     drop(cores);
@@ -316,6 +372,8 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "quic": node.quic.to_string(),
             "http": node.http.lock().ok().and_then(|h| *h).map(|h| h.to_string()),
             "version": env!("CARGO_PKG_VERSION"),
+            "board": node.cfg.board,
+            "arch": std::env::consts::ARCH,
         },
         "uptime_s": node.uptime().as_secs(),
         "joined": joined,
@@ -324,12 +382,15 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         "leaf_set_capacity": node.cfg.leaf_set,
         "peers": peers,
         "game": node.vnode_status(),
+        "objects": objects::status(node),
         "store": {
             "keys": keys,
             "bytes": bytes,
             "buckets": buckets,
+            "limit": node.cfg.storage_limit,
             "replicas": node.cfg.replicas,
             "replication": format!("{rstats:?}"),
+            "replication_lag_p50_us": m.replication_lag.quantile_us(0.5),
         },
         "traffic": {
             "messages_in": m.msgs_in.snapshot().iter().map(|(_, v)| v).sum::<u64>(),
@@ -340,9 +401,13 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "deletes": m.store_ops.get("delete"),
             "put_p50_us": m.put_latency.quantile_us(0.5),
             "get_p50_us": m.get_latency.quantile_us(0.5),
+            "routed_delivered": m.route_hops.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>(),
+            "route_hops_mean": m.mean_hops(),
         },
         "apps": node.apps_status(),
         "pubsub": node.pubsub_status(),
+        "functions": functions::status_json(node),
+        "containers": functions::containers_json(node),
     })
 }
 
@@ -366,7 +431,7 @@ pub fn metrics_text(node: &Node) -> String {
             bytes += s.bytes;
         }
     }
-    let mut text = node.metrics.render(&[
+    let mut out = node.metrics.render(&[
         ("capy_vnodes", "Vnodes this node runs.", vnodes as f64),
         (
             "capy_leaf_set_size",
@@ -394,6 +459,7 @@ pub fn metrics_text(node: &Node) -> String {
             node.uptime().as_secs_f64(),
         ),
     ]);
-    text.push_str(&node.apps_metrics());
-    text
+    out.push_str(&functions::metrics_text(node));
+    out.push_str(&node.apps_metrics());
+    out
 }

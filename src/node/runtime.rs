@@ -81,6 +81,9 @@ pub enum OpError {
     Timeout(String),
     #[error("{0}")]
     Internal(String),
+    /// The node's storage limit (board profile or config) would be passed.
+    #[error("{0}")]
+    Full(String),
 }
 
 impl From<StoreError> for OpError {
@@ -225,9 +228,11 @@ pub struct Node {
     epoch: Instant,
     pub(crate) stopping: AtomicBool,
     pub(crate) identity_vnodes: Vec<NodeId>,
+    pub functions: super::functions::Functions,
     /// Apps, handlers, timers and pub/sub (see `apps`).
     pub apps: super::apps::Apps,
     pub(crate) vnode_control: Mutex<super::vnodes::VnodeControl>,
+    pub(crate) objects: super::objects::Objects,
 }
 
 /// Wall-clock microseconds: the replication core compares tombstone ages
@@ -248,7 +253,8 @@ impl Node {
         advertise: SocketAddr,
         db: Db,
     ) -> Arc<Node> {
-        let vnodes_n = cfg.vnodes.min(identity.max_vnodes()).max(1);
+        let max_vnodes = identity.max_vnodes().min(cfg.max_vnodes);
+        let vnodes_n = cfg.vnodes.min(max_vnodes).max(1);
         let ocfg = overlay::Config {
             leaf_set_size: cfg.leaf_set,
             ..overlay::Config::default()
@@ -272,7 +278,7 @@ impl Node {
         Arc::new(Node {
             name: identity.name().to_string(),
             zone: identity.zone().to_string(),
-            max_vnodes: identity.max_vnodes(),
+            max_vnodes,
             quic: advertise,
             http: Mutex::new(None),
             transport,
@@ -285,6 +291,12 @@ impl Node {
             epoch: Instant::now(),
             stopping: AtomicBool::new(false),
             identity_vnodes: identity.vnode_ids().to_vec(),
+            functions: super::functions::Functions::new(
+                &cfg.functions,
+                &cfg.data_dir(),
+                identity.name(),
+                identity.vnode_id(0),
+            ),
             apps: super::apps::Apps::new(),
             vnode_control: Mutex::new(super::vnodes::VnodeControl::new(
                 identity.vnode_id(0),
@@ -297,6 +309,7 @@ impl Node {
                     super::vnodes::Mode::Pinned(vnodes_n)
                 },
             )),
+            objects: super::objects::Objects::default(),
             cfg,
         })
     }
@@ -481,12 +494,14 @@ impl Node {
                     let node = self.clone();
                     smol::spawn(async move {
                         let t = Instant::now();
+                        let written = super::metrics::replica_writes(&ops, &node.identity_vnodes);
                         let res = node.db.commit(ops).await;
                         node.metrics
                             .commit_latency
                             .record_us(t.elapsed().as_micros() as u64);
-                        if let Err(e) = &res {
-                            tracing::error!("store commit failed: {e}");
+                        match &res {
+                            Ok(()) => node.metrics.record_replication_lag(&written, wall_us()),
+                            Err(e) => tracing::error!("store commit failed: {e}"),
                         }
                         node.drive(|n, cores, ctx| {
                             let acts =
@@ -839,6 +854,9 @@ impl Node {
         let t = Instant::now();
         let op = if value.is_some() { "put" } else { "delete" };
         let mut last = None;
+        if let Some(v) = &value {
+            super::boards::check_storage(self, v.len() as u64)?;
+        }
         // A silent root is retried once: the overlay may have just lost it.
         for attempt in 0..2 {
             let (req, rx) = self.register();
@@ -924,6 +942,31 @@ impl Node {
                 self.metrics.store_errors.inc("get");
                 Err(e.into())
             }
+            Outcome::Put(_) => Err(OpError::Internal("reply of the wrong kind".into())),
+        }
+    }
+
+    /// Reads the newest copy of a key among all its replicas, this node's
+    /// included: for a new owner of the key that must not act on a copy
+    /// that missed the last acknowledged write.
+    pub async fn get_newest(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Value>, OpError> {
+        let (req, rx) = self.register();
+        let acts = {
+            let mut cores = self.lock();
+            let replicas =
+                cores.placement(NodeId::for_key(bucket, key), self.k_of(bucket) as usize);
+            cores
+                .replica
+                .get_from(wall_us(), req, bucket, key, &replicas)?
+        };
+        self.store_acts(acts);
+        match self.wait(req, rx).await? {
+            Outcome::Get(Ok(v)) => Ok(v),
+            Outcome::Get(Err(e)) => Err(e.into()),
             Outcome::Put(_) => Err(OpError::Internal("reply of the wrong kind".into())),
         }
     }

@@ -20,9 +20,10 @@ pub fn render_text(v: &Value) -> String {
     let n = &v["node"];
     let _ = writeln!(
         o,
-        "node      {} (zone {}, up {} s)",
+        "node      {} (zone {}, board {}, up {} s)",
         s(&n["name"]),
         s(&n["zone"]),
+        s(&n["board"]),
         s(&v["uptime_s"])
     );
     let _ = writeln!(
@@ -53,9 +54,10 @@ pub fn render_text(v: &Value) -> String {
         for p in peers.iter().take(32) {
             let _ = writeln!(
                 o,
-                "  {:<24} {}  rtt {} us",
+                "  {:<24} {}  {} vnodes seen  rtt {} us",
                 s(&p["addr"]),
                 s(&p["id"]),
+                s(&p["vnodes"]),
                 s(&p["rtt_us"])
             );
         }
@@ -63,9 +65,10 @@ pub fn render_text(v: &Value) -> String {
     let st = &v["store"];
     let _ = writeln!(
         o,
-        "store     {} keys, {} bytes",
+        "store     {} keys, {} bytes (limit {})",
         s(&st["keys"]),
-        s(&st["bytes"])
+        s(&st["bytes"]),
+        s(&st["limit"])
     );
     if let Some(b) = st["buckets"].as_array() {
         for x in b {
@@ -78,6 +81,7 @@ pub fn render_text(v: &Value) -> String {
             );
         }
     }
+    o.push_str(&super::functions::render_text(v));
     if let Some(apps) = v["apps"].as_array().filter(|a| !a.is_empty()) {
         let _ = writeln!(o, "apps      {} (handler runs here, as a root)", apps.len());
         for a in apps {

@@ -12,6 +12,15 @@
 //!   - `"fail"`: answers 502 `{"error": X.message}` (an action error);
 //!   - `"exit"`: exits the process with code `X.code` (default 3) without
 //!     answering;
+//!   - `"append"`: answers `{"state": S}` with `X.item` appended to the
+//!     array in field `X.field` (default `"items"`) of `X.state`;
+//!   - `"emit"`: answers `{"output": X.emit}`;
+//!   - `"transcode"`: reads blob `X.src` (default `"video"`) through its
+//!     presigned GET URL in `X.blobs` (empty if it has none), upper-cases
+//!     it and appends `X.suffix` (default `"+t"`), writes it through the
+//!     PUT URL of blob `X.dst` (default `X.src`), and answers `{"state": S,
+//!     "output": {"bytes": N}}` with N also in field `X.field` (default
+//!     `"size"`); with `X.fail_after_put` it then answers an action error;
 //! - `GET /health`: answers `{"ok": true}`.
 //!
 //! With the argument `--never-listen`, or `CAPY_FN_NEVER_LISTEN=1` in the
@@ -231,8 +240,109 @@ fn run(v: Json) -> (u16, Vec<u8>) {
             eprintln!("capy-fn-runtime: exiting with {code}, as asked");
             std::process::exit(code);
         }
+        "append" => {
+            let field = v.get("field").and_then(Json::as_str).unwrap_or("items").to_string();
+            let mut state = match v.get("state") {
+                Some(Json::Obj(m)) => m.clone(),
+                _ => BTreeMap::new(),
+            };
+            let mut list = match state.get(&field) {
+                Some(Json::Arr(a)) => a.clone(),
+                _ => Vec::new(),
+            };
+            list.push(v.get("item").cloned().unwrap_or(Json::Null));
+            state.insert(field, Json::Arr(list));
+            let mut out = BTreeMap::new();
+            out.insert("state".to_string(), Json::Obj(state));
+            (200, Json::Obj(out).to_string().into_bytes())
+        }
+        "emit" => {
+            let mut out = BTreeMap::new();
+            out.insert("output".to_string(), v.get("emit").cloned().unwrap_or(Json::Null));
+            (200, Json::Obj(out).to_string().into_bytes())
+        }
+        "transcode" => match transcode(&v) {
+            Ok(r) => r,
+            Err(e) => (502, error_json(&e)),
+        },
         other => (502, error_json(&format!("unknown action {other:?}"))),
     }
+}
+
+fn transcode(v: &Json) -> Result<(u16, Vec<u8>), String> {
+    let src = v.get("src").and_then(Json::as_str).unwrap_or("video");
+    let dst = v.get("dst").and_then(Json::as_str).unwrap_or(src);
+    let field = v.get("field").and_then(Json::as_str).unwrap_or("size");
+    let suffix = v.get("suffix").and_then(Json::as_str).unwrap_or("+t");
+    let blobs = v.get("blobs").ok_or("no blobs in the input")?;
+    let input = match blobs.get(src).and_then(|b| b.get("get")).and_then(Json::as_str) {
+        Some(url) => {
+            let (status, body) = http("GET", url, &[])?;
+            if status != 200 {
+                return Err(format!("GET {src}: HTTP {status}"));
+            }
+            body
+        }
+        None => Vec::new(),
+    };
+    let mut out = input.to_ascii_uppercase();
+    out.extend_from_slice(suffix.as_bytes());
+    let put = blobs
+        .get(dst)
+        .and_then(|b| b.get("put"))
+        .and_then(Json::as_str)
+        .ok_or_else(|| format!("no PUT URL for blob {dst}"))?;
+    let (status, body) = http("PUT", put, &out)?;
+    if status != 200 {
+        return Err(format!("PUT {dst}: HTTP {status}: {}", String::from_utf8_lossy(&body)));
+    }
+    if v.get("fail_after_put").is_some() {
+        return Ok((502, error_json("failing after the blob write, as asked")));
+    }
+    let mut state = match v.get("state") {
+        Some(Json::Obj(m)) => m.clone(),
+        _ => BTreeMap::new(),
+    };
+    state.insert(field.to_string(), Json::Num(out.len() as f64));
+    let mut o = BTreeMap::new();
+    o.insert("bytes".to_string(), Json::Num(out.len() as f64));
+    let mut r = BTreeMap::new();
+    r.insert("state".to_string(), Json::Obj(state));
+    r.insert("output".to_string(), Json::Obj(o));
+    Ok((200, Json::Obj(r).to_string().into_bytes()))
+}
+
+/// A one-shot HTTP/1.1 request (`http://` only), for presigned URLs.
+fn http(method: &str, url: &str, body: &[u8]) -> Result<(u16, Vec<u8>), String> {
+    let rest = url.strip_prefix("http://").ok_or("only http:// URLs")?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let mut s = TcpStream::connect(host).map_err(|e| format!("connecting to {host}: {e}"))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())
+        .and_then(|_| s.write_all(body))
+        .map_err(|e| format!("sending to {host}: {e}"))?;
+    let mut resp = Vec::new();
+    s.take(MAX_BODY as u64)
+        .read_to_end(&mut resp)
+        .map_err(|e| format!("reading from {host}: {e}"))?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no HTTP header in the answer")?;
+    let head = String::from_utf8_lossy(&resp[..split]).to_string();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or("no HTTP status in the answer")?;
+    Ok((status, resp[split + 4..].to_vec()))
 }
 
 /// Just enough JSON for the test function: parse, look up, print.
