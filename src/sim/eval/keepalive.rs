@@ -957,6 +957,7 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
         "90th-percentile cold-start % of apps",
     );
     let mut fixed_s = Series::new("fixed keep-alive", Mark::LinePoints, Vec::new());
+    fixed_s.alternate_notes = true;
     for r in results.iter().filter(|r| r.policy.starts_with("fixed")) {
         fixed_s.points.push((r.idle_vs_fixed10, r.cold_p90));
         fixed_s

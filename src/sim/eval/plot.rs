@@ -28,6 +28,8 @@ pub struct Series {
     pub colour: Option<usize>,
     /// Vertical offset of the notes, pixels (negative: above the point).
     pub note_dy: i32,
+    /// Every second note goes below its point instead (close points).
+    pub alternate_notes: bool,
 }
 
 impl Series {
@@ -39,6 +41,7 @@ impl Series {
             notes: Vec::new(),
             colour: None,
             note_dy: -18,
+            alternate_notes: false,
         }
     }
 
@@ -276,12 +279,18 @@ fn xy(root: &Area<'_>, p: &Plot, xlog: bool, ylog: bool) -> Result<(), String> {
                             s.points
                                 .iter()
                                 .zip(&s.notes)
-                                .filter(|(q, _)| inside(q))
-                                .map(|(q, t)| {
+                                .enumerate()
+                                .filter(|(_, (q, _))| inside(q))
+                                .map(|(k, (q, t))| {
+                                    let dy = if s.alternate_notes && k % 2 == 1 {
+                                        8
+                                    } else {
+                                        s.note_dy
+                                    };
                                     EmptyElement::at(*q)
                                         + Text::new(
                                             t.clone(),
-                                            (8, -18),
+                                            (8, dy),
                                             ("sans-serif", 14).into_font(),
                                         )
                                 }),

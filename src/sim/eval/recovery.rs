@@ -67,6 +67,7 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     );
     p.x_log = true;
     p.x_range = Some((0.8, max_fail as f64 * 1.25));
+    p.x_ticks = Some(counts.iter().map(|&f| f as f64).collect());
     p.series.push(Series::new(
         "leaf sets exact",
         Mark::LinePoints,
