@@ -179,6 +179,14 @@ fn bad_input_is_refused_with_a_message() {
         .expect("capy runs");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown experiment"));
+    // The real-cluster experiment says what it needs.
+    let out = capy()
+        .args(["eval", "fnrecovery", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("capy runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--fn-image"));
     let bad = dir.path().join("bad");
     std::fs::create_dir_all(&bad).expect("mkdir");
     std::fs::write(

@@ -279,7 +279,8 @@ pub enum SimCmd {
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// keepalive, locality, subscriptions (or subscribe), replication,
-    /// balance, recovery or all.
+    /// balance, recovery, fnrecovery (real cluster, needs --fn-image) or
+    /// all (fnrecovery only with --fn-image).
     pub name: String,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -299,6 +300,12 @@ pub struct EvalArgs {
     /// Exit with 1 when a claim is not backed by the run.
     #[arg(long)]
     pub check: bool,
+    /// Function image archive (scripts/build-fn-image) for the
+    /// real-cluster experiment.
+    #[arg(long)]
+    pub fn_image: Option<PathBuf>,
+    #[arg(long, env = "CAPY_PODMAN_SOCKET", default_value = crate::containers::DEFAULT_SOCKET)]
+    pub podman_socket: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -420,6 +427,8 @@ pub fn main() -> i32 {
                 out: e.out,
                 azure_dir: e.azure_dir,
                 azure_apps: e.azure_apps,
+                fn_image: e.fn_image,
+                podman_socket: e.podman_socket,
             },
             e.check,
         ),

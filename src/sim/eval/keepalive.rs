@@ -971,7 +971,7 @@ pub fn run(opts: &EvalOpts) -> Result<Report, EvalError> {
     )
     .colour(6);
     hy_s.notes.push("hybrid".into());
-    hy_s.note_dy = 8;
+    hy_s.note_dy = 28;
     let mut ad_s = Series::new(
         "adaptive-keepalive (capy)",
         Mark::Points,

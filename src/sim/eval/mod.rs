@@ -14,6 +14,7 @@
 //! subscription simulator's.
 
 pub mod balance;
+pub mod fnrecovery;
 pub mod keepalive;
 pub mod locality;
 pub mod plot;
@@ -35,6 +36,10 @@ pub const EXPERIMENTS: [&str; 6] = [
     "recovery",
 ];
 
+/// Experiments on a real cluster (podman): run by name, or by `all` when
+/// a function image is given.
+pub const CLUSTER_EXPERIMENTS: [&str; 1] = ["fnrecovery"];
+
 /// What `capy eval` was asked for.
 #[derive(Clone, Debug)]
 pub struct EvalOpts {
@@ -47,6 +52,9 @@ pub struct EvalOpts {
     pub azure_dir: Option<PathBuf>,
     /// Apps sampled from an Azure trace (0: all).
     pub azure_apps: usize,
+    /// Function image archive for the real-cluster experiments.
+    pub fn_image: Option<PathBuf>,
+    pub podman_socket: PathBuf,
 }
 
 /// One claim of the paper and whether this run backs it.
@@ -90,7 +98,7 @@ pub struct Report {
 /// Why an evaluation could not run or be written.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    #[error("unknown experiment {0:?} (known: all, {list})", list = EXPERIMENTS.join(", "))]
+    #[error("unknown experiment {0:?} (known: all, {list}, {cluster})", list = EXPERIMENTS.join(", "), cluster = CLUSTER_EXPERIMENTS.join(", "))]
     Unknown(String),
     #[error("{0}")]
     Input(String),
@@ -111,6 +119,7 @@ pub fn run(name: &str, opts: &EvalOpts) -> Result<Report, EvalError> {
         "replication" => replication::run(opts),
         "balance" => balance::run(opts),
         "recovery" => recovery::run(opts),
+        "fnrecovery" => fnrecovery::run(opts),
         _ => Err(EvalError::Unknown(name.to_string())),
     }
 }
@@ -192,8 +201,12 @@ pub fn eval_cmd(name: &str, opts: &EvalOpts, check: bool) -> i32 {
         name
     };
     let names: Vec<&str> = if name == "all" {
-        EXPERIMENTS.to_vec()
-    } else if EXPERIMENTS.contains(&name) {
+        let mut v = EXPERIMENTS.to_vec();
+        if opts.fn_image.is_some() {
+            v.extend(CLUSTER_EXPERIMENTS);
+        }
+        v
+    } else if EXPERIMENTS.contains(&name) || CLUSTER_EXPERIMENTS.contains(&name) {
         vec![name]
     } else {
         eprintln!("capy eval: {}", EvalError::Unknown(name.to_string()));
@@ -202,6 +215,12 @@ pub fn eval_cmd(name: &str, opts: &EvalOpts, check: bool) -> i32 {
     if let Err(err) = std::fs::create_dir_all(&opts.out) {
         eprintln!("capy eval: cannot create {}: {err}", opts.out.display());
         return 1;
+    }
+    if names.contains(&"fnrecovery") {
+        if let Err(e) = fnrecovery::check(opts) {
+            eprintln!("capy eval fnrecovery: {e}");
+            return 2;
+        }
     }
     let t_all = Instant::now();
     let mut failed = 0;
