@@ -6,7 +6,8 @@
 //! socket or reads a clock inside a core (wall time is only measured
 //! around a run, for the report). `eval` (the paper's evaluations) also
 //! drives the replication core, the vnode game's simulator and the
-//! handler engine with the shipped policies, always in virtual time.
+//! handler engine with the shipped policies, in virtual time; only its
+//! `fnrecovery` runs real `capy` processes and podman (wall-clock time).
 
 pub mod eval;
 pub mod net;

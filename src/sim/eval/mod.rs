@@ -8,7 +8,9 @@
 //! Scribe trees (the subscription simulator behind `capy sim subscribe`), the
 //! replication core ([`crate::store::Replicator`] on in-memory backends),
 //! the vnode game's simulator, and the shipped Lua policies through
-//! [`crate::handlers::AppRuntime`] with a virtual-time host. Baselines the
+//! [`crate::handlers::AppRuntime`] with a virtual-time host. The one
+//! exception, `fnrecovery`, measures function recovery on a real local
+//! cluster with podman, as the paper does. Baselines the
 //! paper compares against (fixed keep-alive, the hybrid histogram policy,
 //! bin-packing placement) are written here, as baselines; polling is the
 //! subscription simulator's.
