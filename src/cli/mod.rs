@@ -107,6 +107,8 @@ pub enum Cmd {
     /// Benchmarks that print their figures.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// The paper's evaluations in virtual time: JSON, SVG plots, summaries.
+    Eval(EvalArgs),
     /// Try a Lua handler locally, in the node's sandbox and limits.
     #[command(subcommand)]
     Handler(HandlerCmd),
@@ -274,6 +276,38 @@ pub enum SimCmd {
     },
 }
 
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// keepalive, locality, subscriptions (or subscribe), replication,
+    /// balance, recovery, fnrecovery (real cluster, needs --fn-image) or
+    /// all (fnrecovery only with --fn-image).
+    pub name: String,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Smaller runs (all of them within minutes).
+    #[arg(long)]
+    pub quick: bool,
+    /// Directory for the JSON, SVG and markdown files.
+    #[arg(long, default_value = "eval-out")]
+    pub out: PathBuf,
+    /// Azure Functions 2019 trace (invocations_per_function_md.anon.dNN.csv
+    /// files) for the keep-alive replay instead of a generated trace.
+    #[arg(long)]
+    pub azure_dir: Option<PathBuf>,
+    /// Apps sampled from the Azure trace (0: all of them).
+    #[arg(long, default_value_t = 500)]
+    pub azure_apps: usize,
+    /// Exit with 1 when a claim is not backed by the run.
+    #[arg(long)]
+    pub check: bool,
+    /// Function image archive (scripts/build-fn-image) for the
+    /// real-cluster experiment.
+    #[arg(long)]
+    pub fn_image: Option<PathBuf>,
+    #[arg(long, env = "CAPY_PODMAN_SOCKET", default_value = crate::containers::DEFAULT_SOCKET)]
+    pub podman_socket: PathBuf,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum AppCmd {
     /// Register (or update) an app from its TOML file.
@@ -385,6 +419,19 @@ pub fn main() -> i32 {
         Some(Cmd::Inv { id, n }) => objects::inv(&id, &n),
         Some(Cmd::Sim(s)) => client::sim(s),
         Some(Cmd::Bench(b)) => client::bench(b),
+        Some(Cmd::Eval(e)) => crate::sim::eval::eval_cmd(
+            &e.name,
+            &crate::sim::eval::EvalOpts {
+                seed: e.seed,
+                quick: e.quick,
+                out: e.out,
+                azure_dir: e.azure_dir,
+                azure_apps: e.azure_apps,
+                fn_image: e.fn_image,
+                podman_socket: e.podman_socket,
+            },
+            e.check,
+        ),
         Some(Cmd::Handler(HandlerCmd::Run {
             file,
             event,

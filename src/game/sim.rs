@@ -166,6 +166,23 @@ pub struct GameReport {
     pub epochs: Vec<EpochReport>,
     pub classes: Vec<ClassReport>,
     pub zones: Vec<ZoneReport>,
+    /// Per live node, for plots (`capy eval balance`); not printed.
+    #[serde(skip)]
+    pub per_node: Vec<NodeLoad>,
+}
+
+/// One node's key load relative to its capacity, over the cluster mean
+/// (1 = fair), at the three points of the run.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeLoad {
+    pub class: String,
+    pub capacity: f64,
+    pub vnodes: u32,
+    /// One vnode each.
+    pub before: f64,
+    /// After the cold start, before any load was measured.
+    pub game_only: f64,
+    pub after: f64,
 }
 
 struct SimNode {
@@ -451,7 +468,7 @@ fn pick(weights: &[f64], rng: &mut StdRng) -> usize {
 pub fn run_game_sim(opts: &GameSimOpts) -> GameReport {
     let mut sim = Sim::new(opts);
     let ones = vec![1u32; opts.nodes];
-    let (_, _, imbalance_before) = sim.load(&ones);
+    let (_, rel_before, imbalance_before) = sim.load(&ones);
 
     // Cold start, with the optional departures half way.
     let ne0 = sim.ne();
@@ -483,7 +500,9 @@ pub fn run_game_sim(opts: &GameSimOpts) -> GameReport {
         sim.run_until(opts.rounds, &ne0)
     };
     let counts = sim.counts();
-    let (_, _, imbalance_game_only) = sim.load(&counts);
+    let (_, rel_game_only, imbalance_game_only) = sim.load(&counts);
+    // Nodes that left during the cold start have no later load.
+    let live_then: Vec<usize> = sim.alive().collect();
 
     // Load epochs: measure, update load factors, re-converge.
     let mut epochs = Vec::new();
@@ -562,7 +581,24 @@ pub fn run_game_sim(opts: &GameSimOpts) -> GameReport {
         });
     }
 
+    let per_node = live
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| NodeLoad {
+            class: sim.boards[sim.nodes[i].class].name.to_string(),
+            capacity: caps[k],
+            vnodes: counts[k],
+            before: rel_before.get(i).copied().unwrap_or(f64::NAN),
+            game_only: live_then
+                .iter()
+                .position(|&j| j == i)
+                .and_then(|p| rel_game_only.get(p).copied())
+                .unwrap_or(f64::NAN),
+            after: rel[k],
+        })
+        .collect();
     GameReport {
+        per_node,
         nodes: opts.nodes,
         seed: opts.seed,
         settings: sim.settings,

@@ -28,6 +28,7 @@
 //! event is left. A lookup succeeds when delivered at the live node
 //! numerically closest to its key.
 
+use super::net::{access_delay, zone_delays};
 use super::queue::Queue;
 use crate::id::{Micros, NodeHandle, NodeId};
 use crate::overlay::{Action, Config, Msg, Pastry};
@@ -187,6 +188,8 @@ struct Lookup {
     origin: u32,
     /// Sum of the base delays of the hops taken.
     path: Micros,
+    /// When it was delivered (virtual time).
+    at: Micros,
     delivered: Option<(u32, u8)>,
 }
 
@@ -216,17 +219,7 @@ impl Sim {
     fn new(opts: &OverlaySimOpts) -> Sim {
         let mut rng = SplitMix(opts.seed ^ 0x005e_ed0f_ca9f);
         let zones = opts.zones.max(1);
-        let pts: Vec<(f64, f64)> = (0..zones).map(|_| (rng.unit(), rng.unit())).collect();
-        let mut zone_delay = vec![0; zones * zones];
-        for a in 0..zones {
-            for b in 0..zones {
-                if a != b {
-                    let d = ((pts[a].0 - pts[b].0).powi(2) + (pts[a].1 - pts[b].1).powi(2)).sqrt();
-                    zone_delay[a * zones + b] =
-                        10 * MS + (140.0 * MS as f64 * d / std::f64::consts::SQRT_2) as Micros;
-                }
-            }
-        }
+        let zone_delay = zone_delays(zones, &mut rng);
         let nodes = (0..opts.nodes)
             .map(|i| {
                 let id = rng.id();
@@ -243,7 +236,7 @@ impl Sim {
                         cfg,
                     ),
                     zone: rng.below(zones) as u16,
-                    access: 500 + rng.below(2000) as u32,
+                    access: access_delay(&mut rng),
                     alive: true,
                     joined: false,
                 }
@@ -298,6 +291,7 @@ impl Sim {
                     if let Some(l) = lookup_index(&payload).and_then(|i| self.lookups.get_mut(i)) {
                         if l.delivered.is_none() {
                             l.delivered = Some((who as u32, hops));
+                            l.at = self.now;
                         }
                     }
                 }
@@ -446,6 +440,7 @@ impl Sim {
                 origin: origins[self.rng.below(origins.len())],
                 path: 0,
                 delivered: None,
+                at: 0,
             })
             .collect();
         for i in 0..m {
@@ -779,4 +774,248 @@ pub fn print_overlay(opts: &OverlaySimOpts, json: bool) -> i32 {
         r.build_seconds, r.total_seconds, r.peak_rss_mb
     );
     0
+}
+
+/// Recovery from simultaneous failures (`capy eval recovery`).
+#[derive(Clone, Debug, Serialize)]
+pub struct RecoveryReport {
+    pub nodes: usize,
+    pub failed: usize,
+    pub seed: u64,
+    /// Lookups per batch; a batch starts every `batch_every` seconds.
+    pub batch: usize,
+    pub batch_every: f64,
+    /// Virtual seconds from the failures until every live node's leaf set
+    /// is exact again.
+    pub leaf_sets_seconds: Option<f64>,
+    /// Start (since the failures) of the first batch of lookups from which
+    /// on every lookup of every batch reached its key's live root.
+    pub lookups_seconds: Option<f64>,
+    /// The later of the two: the overlay has recovered.
+    pub recovered_seconds: Option<f64>,
+    /// Lookups of the batches started before recovery that did not reach
+    /// the right root (lost or delivered elsewhere).
+    pub failed_lookups: usize,
+    /// Mean lookup latency (ms) before the failures and in the first batch
+    /// after them (detours around failed hops included).
+    pub lookup_ms_before: f64,
+    pub lookup_ms_first_batch: f64,
+    /// (seconds since the failures, share of exact leaf sets, share of the
+    /// batch started then that reached the right root, share of fixed
+    /// probe lookups whose first try meets only live hops), per batch.
+    pub curve: Vec<[f64; 4]>,
+    pub messages_after_failure: u64,
+}
+
+impl Sim {
+    /// Walks `key` from `origin` through the nodes' own next-hop choices
+    /// (no messages): true when it ends at the live root over live nodes.
+    fn probe(&self, origin: usize, key: NodeId, root: u32, max_hops: usize) -> bool {
+        let mut cur = origin;
+        for _ in 0..=max_hops {
+            match self.nodes[cur].p.next_hop(key) {
+                None => return cur as u32 == root,
+                Some(h) => {
+                    match index_of(&h.addr).filter(|&j| {
+                        j < self.nodes.len()
+                            && self.nodes[j].alive
+                            && self.nodes[j].p.me().id == h.id
+                    }) {
+                        Some(j) => cur = j,
+                        None => return false,
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// Routes `m` random lookups from random live nodes now, as real
+    /// messages; returns their indices and true roots.
+    fn launch(&mut self, m: usize, live: &[(NodeId, u32)]) -> (std::ops::Range<usize>, Vec<u32>) {
+        let first = self.lookups.len();
+        let mut roots = Vec::with_capacity(m);
+        for _ in 0..m {
+            let key = self.rng.id();
+            let origin = live[self.rng.below(live.len())].1;
+            roots.push(true_root(live, key));
+            let i = self.lookups.len();
+            self.lookups.push(Lookup {
+                key,
+                origin,
+                path: 0,
+                delivered: None,
+                at: self.now,
+            });
+            if let Ok(acts) = self.nodes[origin as usize].p.route(
+                self.now,
+                key,
+                (i as u32).to_le_bytes().to_vec(),
+            ) {
+                self.apply(origin as usize, acts);
+            }
+        }
+        (first..first + m, roots)
+    }
+}
+
+/// A batch of recovery lookups: (launch, lookups, true roots, share of
+/// exact leaf sets then, share of first routes over live hops then).
+type Batch = (Micros, std::ops::Range<usize>, Vec<u32>, f64, f64);
+
+/// Builds an overlay, lets it tick for `warmup`, fails `fail` random nodes
+/// at once, then starts a batch of `batch` lookups (real messages, with
+/// the detour a failed hop causes) every `every` and checks leaf sets,
+/// until leaf sets are exact and every batch since some point reached the
+/// right roots within `window`, or `opts.repair_limit` has passed.
+pub fn run_recovery(
+    opts: &OverlaySimOpts,
+    fail: usize,
+    batch: usize,
+    warmup: Micros,
+    every: Micros,
+) -> RecoveryReport {
+    let window = 5 * SEC;
+    let every = every.max(1);
+    let mut sim = Sim::new(opts);
+    let n = sim.nodes.len();
+    if n > 0 {
+        sim.nodes[0].p.bootstrap_alone();
+        sim.apply(0, vec![Action::Joined]);
+        sim.in_flight = 0;
+        sim.start_joins();
+    }
+    sim.run(Micros::MAX);
+    sim.ticking = true;
+    let start = sim.now;
+    for i in 0..n {
+        if sim.nodes[i].alive {
+            let at = start + sim.rng.below(sim.tick_interval as usize) as Micros;
+            sim.push(at, Ev::Tick(i as u32));
+        }
+    }
+    let until = sim.now + warmup;
+    sim.run(until);
+    // Lookup latency in steady state.
+    let live = sim.live_sorted();
+    sim.lookups.clear();
+    let launched = sim.now;
+    let (r, _) = sim.launch(batch, &live);
+    let until = sim.now + window;
+    sim.run(until);
+    let before: Vec<f64> = sim.lookups[r]
+        .iter()
+        .filter(|l| l.delivered.is_some())
+        .map(|l| (l.at - launched) as f64 / MS as f64)
+        .collect();
+    let lookup_ms_before = before.iter().sum::<f64>() / before.len().max(1) as f64;
+
+    let k = fail.min(live.len().saturating_sub(1));
+    let mut idx: Vec<u32> = live.iter().map(|x| x.1).collect();
+    for i in 0..k {
+        let j = i + sim.rng.below(idx.len() - i);
+        idx.swap(i, j);
+        sim.nodes[idx[i] as usize].alive = false;
+    }
+    let live = sim.live_sorted();
+    let max_hops = opts.overlay.max_hops as usize;
+    let probes: Vec<(usize, NodeId, u32)> = (0..batch)
+        .map(|_| {
+            let key = sim.rng.id();
+            let origin = live[sim.rng.below(live.len())].1 as usize;
+            (origin, key, true_root(&live, key))
+        })
+        .collect();
+    let t0 = sim.now;
+    let m0 = sim.messages;
+    sim.lookups.clear();
+    let secs = |t: Micros| (t - t0) as f64 / SEC as f64;
+    let mut batches: Vec<Batch> = Vec::new();
+    let mut leaf_at: Option<f64> = None;
+    let mut streak: Option<Micros> = None;
+    let mut judged = 0;
+    let mut failed_lookups = 0;
+    let mut curve = Vec::new();
+    let mut lookup_ms_first_batch = f64::NAN;
+    let mut exact = sim.exact_leaf_sets();
+    loop {
+        let first_try = probes
+            .iter()
+            .filter(|(o, key, root)| sim.probe(*o, *key, *root, max_hops))
+            .count() as f64
+            / batch.max(1) as f64;
+        let (r, roots) = sim.launch(batch, &live);
+        batches.push((sim.now, r, roots, exact, first_try));
+        // Leaf sets are checked four times per batch.
+        let end = sim.now + every;
+        for q in 1..=4 {
+            let until = sim.now.max(end - every + every * q / 4);
+            sim.run(until);
+            exact = sim.exact_leaf_sets();
+            if exact < 1.0 {
+                leaf_at = None;
+            } else if leaf_at.is_none() {
+                leaf_at = Some(secs(sim.now));
+            }
+        }
+        // Judge the batches whose window has passed.
+        while judged < batches.len() && batches[judged].0 + window <= sim.now {
+            let (at, r, roots, exact, first_try) = &batches[judged];
+            let ls = &sim.lookups[r.clone()];
+            let ok = ls
+                .iter()
+                .zip(roots)
+                .filter(|(l, root)| {
+                    l.delivered.is_some_and(|(w, _)| w == **root) && l.at <= at + window
+                })
+                .count();
+            if judged == 0 {
+                let d: Vec<f64> = ls
+                    .iter()
+                    .filter(|l| l.delivered.is_some())
+                    .map(|l| (l.at - at) as f64 / MS as f64)
+                    .collect();
+                lookup_ms_first_batch = d.iter().sum::<f64>() / d.len().max(1) as f64;
+            }
+            curve.push([
+                secs(*at),
+                *exact,
+                ok as f64 / batch.max(1) as f64,
+                *first_try,
+            ]);
+            if ok == batch {
+                streak.get_or_insert(*at);
+            } else {
+                streak = None;
+                failed_lookups += batch - ok;
+            }
+            judged += 1;
+        }
+        // Done once leaf sets are exact and a batch started after that
+        // succeeded, with every batch since the streak began.
+        let last = judged.checked_sub(1).map(|j| batches[j].0);
+        let done = match (leaf_at, streak, last) {
+            (Some(l), Some(_), Some(last)) => secs(last) >= l,
+            _ => false,
+        };
+        if done || sim.now - t0 >= opts.repair_limit {
+            break;
+        }
+    }
+    let lookups_at = streak.map(secs);
+    RecoveryReport {
+        nodes: n,
+        failed: k,
+        seed: opts.seed,
+        batch,
+        batch_every: every as f64 / SEC as f64,
+        leaf_sets_seconds: leaf_at,
+        lookups_seconds: lookups_at,
+        recovered_seconds: leaf_at.zip(lookups_at).map(|(a, b)| a.max(b)),
+        failed_lookups,
+        lookup_ms_before,
+        lookup_ms_first_batch,
+        curve,
+        messages_after_failure: sim.messages - m0,
+    }
 }

@@ -10,7 +10,8 @@
 --   keep-alive (ka): a high percentile plus a margin; the container is
 --                  unloaded once ka has passed without an invocation.
 -- While there are few samples, or most idle times are beyond the histogram,
--- a fixed keep-alive is used instead; when the idle times are spread too
+-- a fixed keep-alive is used instead, unless the few samples already agree
+-- (a scheduled function: its idle times repeat); when the idle times are spread too
 -- widely to predict, the keep-alive window is capped. timerCb (every minute by default)
 -- applies the windows through sys.deploy_container/sys.delete_container.
 --
@@ -42,7 +43,12 @@ end
 local HEAD, TAIL = 0.05, 0.99     -- percentiles of the idle times
 local MARGIN = 0.10               -- widening of both windows
 local MIN_PW = 5                  -- minutes; shorter pre-warm windows are not worth an unload
-local MIN_SAMPLES = 4             -- fewer: fixed keep-alive
+local MIN_SAMPLES = 4             -- fewer: fixed keep-alive...
+-- ...unless at least MIN_REGULAR idle times all lie within REGULAR times
+-- the shortest of them: a regular pattern is trusted at once, so a
+-- function run every few hours or daily is pre-warmed from its fourth run
+-- on instead of its sixth.
+local MIN_REGULAR, REGULAR = 2, 1.25
 local MAX_OOB = 0.5               -- more out-of-bounds idle times than this: fixed keep-alive
 local FALLBACK_KA = 60            -- minutes; the fixed keep-alive
 -- Idle times spread over more than SPREAD times their low percentile are
@@ -52,7 +58,7 @@ local MAX_SAMPLES = 2000          -- then halve all counts, so old patterns fade
 
 local function windows(st)
   local inb = st.n - st.oob
-  if st.n < MIN_SAMPLES or st.oob > MAX_OOB * st.n or inb <= 0 then
+  if st.n < MIN_REGULAR or st.oob > MAX_OOB * st.n or inb <= 0 then
     return 0, FALLBACK_KA
   end
   local hist = st.hist
@@ -64,6 +70,9 @@ local function windows(st)
     if acc >= tail_at then tail = b break end
   end
   local lo, hi = bin_low(head or 1), bin_high(tail or NBINS)
+  if st.n < MIN_SAMPLES and (st.oob > 0 or hi > REGULAR * math.max(lo, 1)) then
+    return 0, FALLBACK_KA
+  end
   local pw = math.floor(lo * (1 - MARGIN))
   if pw < MIN_PW then pw = 0 end
   local ka = math.ceil(hi * (1 + MARGIN)) + 1

@@ -80,6 +80,25 @@ fn keepalive_prewarms_a_periodic_function() {
 }
 
 #[test]
+fn keepalive_trusts_a_regular_pattern_early() {
+    // every 3 hours: two equal idle times are enough to pre-warm the
+    // fourth call; only the first three are cold
+    let (cold, idle, st) = keepalive_run(180, 8, 3);
+    assert_eq!(cold, 0, "state: {st}");
+    assert!(st["pw"].as_u64().unwrap() > 60, "{st}");
+    assert!(idle < 5 * 60, "idle minutes {idle}");
+    // irregular idle times (20 and 150 minutes) are not trusted that early
+    let mut rt = policy("adaptive-keepalive");
+    let h = host();
+    for t in [0, 20, 170] {
+        h.set_now(t * MIN);
+        call(&mut rt, Event::Read { args: json!(null) }, ctx(), &h).unwrap();
+    }
+    let st = rt.export_state(&key("f")).unwrap().unwrap();
+    assert_eq!((st["pw"].clone(), st["ka"].clone()), (json!(0), json!(60)));
+}
+
+#[test]
 fn keepalive_falls_back_while_samples_are_few() {
     let mut rt = policy("adaptive-keepalive");
     let h = host();
