@@ -488,6 +488,8 @@ pub struct Apps {
     key_locks: Mutex<KeyLocks>,
     registry: smol::lock::Mutex<()>,
     timers: Mutex<HashMap<String, TimerState>>,
+    /// Local buckets the timer scan found not to be apps, and when.
+    scan_misses: Mutex<HashMap<String, Instant>>,
     functions: OnceLock<Arc<dyn FunctionControl>>,
     pub pubsub: PubSub,
 }
@@ -518,6 +520,7 @@ impl Apps {
             key_locks: Mutex::new(HashMap::new()),
             registry: smol::lock::Mutex::new(()),
             timers: Mutex::new(HashMap::new()),
+            scan_misses: Mutex::new(HashMap::new()),
             functions: OnceLock::new(),
             pubsub: PubSub::default(),
         }
@@ -728,6 +731,25 @@ impl Node {
         self: &Arc<Self>,
         name: &str,
     ) -> Result<Option<Arc<AppDef>>, OpError> {
+        self.fetch_def(name, true).await
+    }
+
+    /// Like `app_def`, but a miss is not remembered: for the timer scan of
+    /// local buckets, which would otherwise mark a bucket "not an app" on
+    /// every replica holder for `NO_APP_TTL` right before its app is
+    /// registered (a function's image, stored first, makes the bucket).
+    async fn app_def_quiet(self: &Arc<Self>, name: &str) -> Result<Option<Arc<AppDef>>, OpError> {
+        if let Some(d) = self.apps.cached(name) {
+            return Ok(d);
+        }
+        self.fetch_def(name, false).await
+    }
+
+    async fn fetch_def(
+        self: &Arc<Self>,
+        name: &str,
+        remember_none: bool,
+    ) -> Result<Option<Arc<AppDef>>, OpError> {
         if check_app_name(name).is_err() {
             return Ok(None);
         }
@@ -753,7 +775,9 @@ impl Node {
                 }
             },
         };
-        self.apps.remember(name, def.clone());
+        if def.is_some() || remember_none {
+            self.apps.remember(name, def.clone());
+        }
         Ok(def)
     }
 
@@ -1377,11 +1401,22 @@ impl Node {
             if !due {
                 continue;
             }
-            let def = match self.app_def(&b).await {
+            let missed = lock(&self.apps.scan_misses)
+                .get(&b)
+                .is_some_and(|t| t.elapsed() < NO_APP_TTL);
+            if missed {
+                continue;
+            }
+            let def = match self.app_def_quiet(&b).await {
                 Ok(Some(d)) => d,
                 Ok(None) => {
                     // removed (or never an app): drop what we held for it
                     lock(&self.apps.slots).remove(&b);
+                    let mut m = lock(&self.apps.scan_misses);
+                    if m.len() >= 4096 {
+                        m.clear();
+                    }
+                    m.insert(b.clone(), Instant::now());
                     continue;
                 }
                 Err(_) => continue,
