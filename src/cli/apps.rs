@@ -20,7 +20,7 @@
 //! ```
 
 use super::*;
-use crate::http::{self, percent_encode, ClientError};
+use crate::http::{self, percent_encode};
 use crate::node::apps::{AppSpec, LimitsSpec};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -121,30 +121,11 @@ pub fn read_app_file(path: &Path) -> Result<AppSpec, String> {
     Ok(spec)
 }
 
-fn call(url: &str, method: Method, body: Option<Vec<u8>>) -> Result<http::Reply, i32> {
-    smol::block_on(http::call(
-        url,
-        method,
-        body.map(|b| (b, "application/json")),
-        TIMEOUT,
-    ))
-    .map_err(|e| {
-        eprintln!("capy: {e}");
-        match e {
-            ClientError::BadUrl(_) => EXIT_USAGE,
-            ClientError::Connect { .. } | ClientError::Timeout(..) => EXIT_UNREACHABLE,
-            ClientError::Http { .. } => EXIT_FAILED,
-        }
-    })
-}
+use super::client::failed;
 
-fn failed(what: &str, r: &http::Reply) -> i32 {
-    eprintln!("capy: {what}: {} ({})", r.message(), r.status);
-    match r.status.as_u16() {
-        404 => EXIT_NOT_FOUND,
-        400 | 413 => EXIT_USAGE,
-        _ => EXIT_FAILED,
-    }
+fn call(url: &str, method: Method, body: Option<Vec<u8>>) -> Result<http::Reply, i32> {
+    let body = body.map(|b| (b, "application/json"));
+    super::client::request_within(url, method, body, TIMEOUT)
 }
 
 fn base(node: &str) -> &str {

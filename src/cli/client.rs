@@ -26,7 +26,18 @@ fn kv_url(c: &ClientArgs, key: &str) -> String {
 }
 
 fn request(url: &str, method: Method, body: Option<(Vec<u8>, &str)>) -> Result<Reply, i32> {
-    smol::block_on(http::call(url, method, body, CLI_TIMEOUT)).map_err(|e| {
+    request_within(url, method, body, CLI_TIMEOUT)
+}
+
+/// One request of a client command; a failure to get any answer is
+/// printed and mapped to the exit code.
+pub(super) fn request_within(
+    url: &str,
+    method: Method,
+    body: Option<(Vec<u8>, &str)>,
+    timeout: Duration,
+) -> Result<Reply, i32> {
+    smol::block_on(http::call(url, method, body, timeout)).map_err(|e| {
         eprintln!("capy: {e}");
         match e {
             ClientError::BadUrl(_) => EXIT_USAGE,
@@ -37,11 +48,13 @@ fn request(url: &str, method: Method, body: Option<(Vec<u8>, &str)>) -> Result<R
 }
 
 /// Maps a non-success reply to a message and an exit code.
-fn failed(what: &str, r: &Reply) -> i32 {
+pub(super) fn failed(what: &str, r: &Reply) -> i32 {
     eprintln!("capy: {what}: {} ({})", r.message(), r.status);
     match r.status {
         StatusCode::NOT_FOUND => EXIT_NOT_FOUND,
-        StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => EXIT_USAGE,
+        StatusCode::BAD_REQUEST
+        | StatusCode::PAYLOAD_TOO_LARGE
+        | StatusCode::UNPROCESSABLE_ENTITY => EXIT_USAGE,
         _ => EXIT_FAILED,
     }
 }

@@ -2,8 +2,8 @@
 //! `/api/fn/` routes) and `capy bench fn` (the container host's own figures
 //! and the same through real nodes: HTTP -> node -> root -> container).
 
-use super::{EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE};
-use crate::http::{self, percent_encode, Client, ClientError, Reply};
+use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use crate::http::{percent_encode, Client};
 use clap::{Args, Subcommand};
 use hyper::{Method, StatusCode};
 use serde::Serialize;
@@ -125,32 +125,7 @@ fn fn_url(node: &str, app: &str, name: &str, tail: &str) -> String {
     )
 }
 
-fn request(
-    url: &str,
-    method: Method,
-    body: Option<(Vec<u8>, &str)>,
-    timeout: Duration,
-) -> Result<Reply, i32> {
-    smol::block_on(http::call(url, method, body, timeout)).map_err(|e| {
-        eprintln!("capy: {e}");
-        match e {
-            ClientError::BadUrl(_) => EXIT_USAGE,
-            ClientError::Connect { .. } | ClientError::Timeout(..) => EXIT_UNREACHABLE,
-            ClientError::Http { .. } => EXIT_FAILED,
-        }
-    })
-}
-
-fn failed(what: &str, r: &Reply) -> i32 {
-    eprintln!("capy: {what}: {} ({})", r.message(), r.status);
-    match r.status {
-        StatusCode::NOT_FOUND => EXIT_NOT_FOUND,
-        StatusCode::BAD_REQUEST
-        | StatusCode::PAYLOAD_TOO_LARGE
-        | StatusCode::UNPROCESSABLE_ENTITY => EXIT_USAGE,
-        _ => EXIT_FAILED,
-    }
-}
+use super::client::{failed, request_within as request};
 
 fn print_json(body: &[u8]) {
     match serde_json::from_slice::<serde_json::Value>(body) {

@@ -1,8 +1,8 @@
 //! `capy pkg ...`, `capy obj ...` and `capy inv ...`: the object commands,
 //! talking to a node's HTTP API.
 
-use super::{EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE};
-use crate::http::{self, percent_encode, ClientError, Reply};
+use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use crate::http::{percent_encode, Reply};
 use clap::{Args, Subcommand};
 use hyper::{Method, StatusCode};
 use std::path::{Path, PathBuf};
@@ -100,14 +100,7 @@ fn base(n: &NodeArg) -> String {
 }
 
 fn request(url: &str, method: Method, body: Option<(Vec<u8>, &str)>) -> Result<Reply, i32> {
-    smol::block_on(http::call(url, method, body, TIMEOUT)).map_err(|e| {
-        eprintln!("capy: {e}");
-        match e {
-            ClientError::BadUrl(_) => EXIT_USAGE,
-            ClientError::Connect { .. } | ClientError::Timeout(..) => EXIT_UNREACHABLE,
-            ClientError::Http { .. } => EXIT_FAILED,
-        }
-    })
+    super::client::request_within(url, method, body, TIMEOUT)
 }
 
 fn done(what: &str, r: Result<Reply, i32>) -> i32 {
@@ -119,12 +112,7 @@ fn done(what: &str, r: Result<Reply, i32>) -> i32 {
         println!("{}", String::from_utf8_lossy(&r.body));
         return EXIT_OK;
     }
-    eprintln!("capy: {what}: {} ({})", r.message(), r.status);
-    match r.status {
-        StatusCode::NOT_FOUND => EXIT_NOT_FOUND,
-        StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => EXIT_USAGE,
-        _ => EXIT_FAILED,
-    }
+    super::client::failed(what, &r)
 }
 
 fn json_arg(s: Option<&str>, what: &str) -> Result<Vec<u8>, i32> {
