@@ -221,22 +221,7 @@ fn kv_works(c: &LocalCluster, i: usize, key: &str) {
 
 /// A tar with one text file: a tar archive, but no image.
 fn plain_tar() -> Vec<u8> {
-    let mut h = [0u8; 512];
-    h[..9].copy_from_slice(b"notes.txt");
-    h[100..108].copy_from_slice(b"0000644\0");
-    h[108..116].copy_from_slice(b"0000000\0");
-    h[116..124].copy_from_slice(b"0000000\0");
-    h[124..136].copy_from_slice(b"00000000005\0");
-    h[136..148].copy_from_slice(b"00000000000\0");
-    h[156] = b'0';
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u32 = h.iter().map(|&b| b as u32).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    let mut v = h.to_vec();
-    v.extend_from_slice(b"hello");
-    v.resize(512 * 2, 0);
+    let mut v = capy::containers::tar_entry("notes.txt", b"hello");
     v.extend([0u8; 1024]);
     v
 }

@@ -1629,6 +1629,30 @@ async fn archive_digest(src: &ImageSource) -> Result<String, String> {
     }
 }
 
+/// One regular file as a ustar entry (header and data padded to 512-byte
+/// blocks); entries put one after another plus 1,024 zero bytes make an
+/// archive. For tests and tools that need a tar that is not an image.
+pub fn tar_entry(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = [0u8; 512];
+    let n = name.len().min(100);
+    h[..n].copy_from_slice(&name.as_bytes()[..n]);
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    h[124..136].copy_from_slice(format!("{:011o}\0", data.len() as u64 & 0o77777777777).as_bytes());
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| b as u32).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let mut out = h.to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
 /// A tar archive (`ustar` at offset 257), or one compressed with gzip, zstd,
 /// xz or bzip2 (podman load takes those too). Anything else is refused
 /// before podman sees it.

@@ -54,3 +54,4 @@ pub use host::{
 pub use podman::{Podman, DEFAULT_SOCKET};
 
 pub(crate) use host::check_archive_magic;
+pub use host::tar_entry;

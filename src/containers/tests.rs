@@ -463,25 +463,10 @@ fn archives_that_are_not_images_are_refused() {
     })
 }
 
-/// A tar archive with one regular file (ustar headers, as podman expects
-/// of an archive).
+/// A tar archive with one regular file.
 fn one_file_tar(name: &str, data: &[u8]) -> Bytes {
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    h[100..107].copy_from_slice(b"0000644");
-    h[108..115].copy_from_slice(b"0000000");
-    h[116..123].copy_from_slice(b"0000000");
-    h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
-    h[136..147].copy_from_slice(b"00000000000");
-    h[156] = b'0';
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u32 = h.iter().map(|&b| b as u32).sum();
-    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-    let mut v = h.to_vec();
-    v.extend_from_slice(data);
-    v.resize(v.len().div_ceil(512) * 512 + 1024, 0);
+    let mut v = super::tar_entry(name, data);
+    v.extend([0u8; 1024]);
     v.into()
 }
 

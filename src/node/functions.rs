@@ -2062,6 +2062,7 @@ pub fn metrics_text(node: &Node) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::containers::tar_entry;
 
     #[test]
     fn ground_keys_land_next_to_their_target_and_are_stable() {
@@ -2083,26 +2084,6 @@ mod tests {
         for n in [0u32, 9, 10, 255, 4096, u32::MAX] {
             assert_eq!(hex_digits(n, &mut buf), format!("{n:x}").as_bytes());
         }
-    }
-
-    fn tar_entry(name: &str, data: &[u8]) -> Vec<u8> {
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..108].copy_from_slice(b"0000644\0");
-        h[108..116].copy_from_slice(b"0000000\0");
-        h[116..124].copy_from_slice(b"0000000\0");
-        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
-        h[136..148].copy_from_slice(b"00000000000\0");
-        h[156] = b'0';
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u64 = h.iter().map(|&b| b as u64).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        let mut out = h.to_vec();
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-        out
     }
 
     fn check_in_pieces(bytes: &[u8], piece: usize) -> Result<&'static str, String> {
