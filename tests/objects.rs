@@ -633,3 +633,183 @@ fn async_calls_are_applied_exactly_once_across_a_sigkill_of_the_root() {
     );
     assert_eq!(s["status"], "done", "{s}");
 }
+
+const METERS: &str = r#"
+name: meters
+classes:
+  - name: Meter
+    state:
+      fields:
+        - { name: reading, type: number, default: 0 }
+        - { name: peak, type: number, default: 0 }
+        - { name: owner, type: string }
+        - { name: secret, type: string, access: PRIVATE }
+    handler: |
+      function createCb(caller, st)
+        st.owner = caller
+        st.secret = "kept from readers"
+        return st
+      end
+      function updateCb(caller, st)
+        if st.reading < 0 then error("a reading is never negative") end
+        if st.reading > st.peak then st.peak = st.reading end
+        return st
+      end
+      function readCb(caller, args)
+        local o = sys.read(sys.key())
+        o.secret = nil
+        o.unit = args.unit or "kWh"
+        return o
+      end
+  - name: SubMeter
+    parent: Meter
+  - name: Stuck
+    parent: Meter
+    handler: |
+      function updateCb(caller, st) while true do end end
+  - name: Leaky
+    parent: Meter
+    handler: |
+      function updateCb(caller, st) sys.write(nil, "elsewhere", st) return st end
+"#;
+
+#[test]
+fn class_handlers_shape_object_state_and_a_failing_one_changes_nothing() {
+    let (c, dir) = cluster(3);
+    let deploy_text = |name: &str, text: &str| {
+        let f = dir.join(name);
+        std::fs::write(&f, text).unwrap();
+        capy(&c, 0, &["pkg", "deploy", f.to_str().unwrap()])
+    };
+    // A handler that does not load, or wants a timer, is refused at deploy,
+    // naming the class's handler field.
+    let broken = METERS.replace(
+        "return st\n      end\n      function updateCb",
+        "return st\n      function updateCb",
+    );
+    let (code, _, err) = deploy_text("broken.yaml", &broken);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("classes[0].handler"), "{err}");
+    let timer = "name: t\nclasses:\n  - name: A\n    handler: |\n      function timerCb() end\n";
+    let (code, _, err) = deploy_text("timer.yaml", timer);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("timerCb"), "{err}");
+    let (code, out, err) = deploy_text("meters.yaml", METERS);
+    assert_eq!(code, 0, "{out} {err}");
+
+    // createCb fills the owner; readCb hides the private field and adds a unit.
+    let id = new_obj(&c, 1, "meters.Meter", json!({}));
+    let o = ok(&c, 2, Method::GET, &format!("/api/obj/{id}"), None);
+    assert_eq!(o["state"]["owner"], "client", "{o}");
+    assert_eq!(o["state"]["unit"], "kWh", "{o}");
+    assert!(o["state"].get("secret").is_none(), "{o}");
+
+    // updateCb keeps the peak, whichever node the call enters by.
+    let up = |node: usize, v: f64| {
+        call(
+            &c,
+            node,
+            Method::POST,
+            &format!("/api/obj/{id}/update"),
+            Some(json!({ "reading": v })),
+        )
+    };
+    let (s, r) = up(0, 5.0);
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["peak"], 5.0, "{r}");
+    let (s, r) = up(1, 3.0);
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(
+        (r["reading"].as_f64(), r["peak"].as_f64()),
+        (Some(3.0), Some(5.0)),
+        "{r}"
+    );
+    let before = ok(&c, 0, Method::GET, &format!("/api/obj/{id}"), None);
+
+    // A refused update: a clear error, nothing committed.
+    let (s, r) = up(2, -1.0);
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{r}");
+    assert!(r.to_string().contains("never negative"), "{r}");
+    // The same through the exactly-once log: the invocation fails.
+    let a = ok(
+        &c,
+        1,
+        Method::POST,
+        &format!("/api/obj/{id}/update?async=1"),
+        Some(json!({ "reading": -2 })),
+    );
+    let inv = a["invocation"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = ok(&c, 2, Method::GET, &format!("/api/inv/{inv}"), None);
+        if s["status"] == "failed" {
+            assert!(s["error"].to_string().contains("never negative"), "{s}");
+            break;
+        }
+        assert_eq!(s["status"], "pending", "{s}");
+        assert!(Instant::now() < deadline, "async call not applied: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = ok(&c, 0, Method::GET, &format!("/api/obj/{id}"), None);
+    assert_eq!(
+        after["state"], before["state"],
+        "a failed update changed the state"
+    );
+    assert_eq!(after["version"], before["version"]);
+
+    // readCb gets the built-in get's arguments.
+    let g = ok(
+        &c,
+        1,
+        Method::POST,
+        &format!("/api/obj/{id}/get"),
+        Some(json!({ "unit": "MWh" })),
+    );
+    assert_eq!(
+        (g["unit"].as_str(), g["peak"].as_f64()),
+        (Some("MWh"), Some(5.0)),
+        "{g}"
+    );
+
+    // A subclass without a handler runs its parent's.
+    let sub = new_obj(&c, 0, "meters.SubMeter", json!({}));
+    let o = ok(&c, 1, Method::GET, &format!("/api/obj/{sub}"), None);
+    assert_eq!(
+        (o["state"]["owner"].as_str(), o["state"]["unit"].as_str()),
+        (Some("client"), Some("kWh")),
+        "{o}"
+    );
+
+    // An endless loop and an effect the object handler may not have: the
+    // call fails, the object and the node go on.
+    for (class, want) in [("Stuck", "instructions"), ("Leaky", "sys.write")] {
+        let oid = new_obj(&c, 0, &format!("meters.{class}"), json!({}));
+        let (s, r) = call(
+            &c,
+            2,
+            Method::POST,
+            &format!("/api/obj/{oid}/update"),
+            Some(json!({ "reading": 7 })),
+        );
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{class}: {r}");
+        assert!(r.to_string().contains(want), "{class}: {r}");
+        let o = ok(&c, 0, Method::GET, &format!("/api/obj/{oid}"), None);
+        assert_eq!(o["state"]["reading"], 0, "{class}: {o}");
+        assert_eq!(o["version"], 1, "{class}: {o}");
+    }
+    // The handler runs show in the metrics of the nodes that ran them.
+    let runs: u64 = (0..3)
+        .map(|n| {
+            let r = c.http(n, Method::GET, "/metrics", None).expect("metrics");
+            String::from_utf8_lossy(&r.body)
+                .lines()
+                .filter(|l| l.starts_with("capy_handler_runs_total{app=\"meters.Meter\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum();
+    assert!(
+        runs >= 8,
+        "handler runs of meters.Meter in /metrics: {runs}"
+    );
+}

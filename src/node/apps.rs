@@ -603,6 +603,26 @@ struct NodeHost {
     app: String,
     k: u8,
     scale: u32,
+    /// Object class handlers read nothing but their own object (passed
+    /// with the call): other reads get this refusal.
+    reads_refused: Option<&'static str>,
+}
+
+impl Node {
+    /// The `sys` host of an object class's handler: the node's facts as for
+    /// an app, and no reads beyond the object itself.
+    pub(crate) fn object_host(self: &Arc<Self>, vnode: NodeId) -> Arc<dyn SysHost> {
+        Arc::new(NodeHost {
+            node: self.clone(),
+            vnode,
+            app: String::new(),
+            k: 0,
+            scale: 1,
+            reads_refused: Some(
+                "an object's handler reads only its own object: sys.read(sys.key())",
+            ),
+        })
+    }
 }
 
 /// The handler clock: wall time, sped up by `scale` from 2024-01-01.
@@ -652,6 +672,9 @@ impl SysHost for NodeHost {
     fn read<'a>(&'a self, key: &AppKey) -> ReadFuture<'a> {
         let key = key.clone();
         Box::pin(async move {
+            if let Some(why) = self.reads_refused {
+                return Err(why.to_string());
+            }
             if key.app != self.app {
                 return Err(format!("key {key} is not of app {:?}", self.app));
             }
@@ -689,7 +712,7 @@ impl SysHost for NodeHost {
 
 /// HTTP status of a failed handler call: the app's code failed (422), or
 /// it could not even be loaded (500).
-fn handler_status(e: &HandlerError) -> u16 {
+pub(crate) fn handler_status(e: &HandlerError) -> u16 {
     match e {
         HandlerError::Load(_) | HandlerError::UnknownPolicy(_) => 500,
         _ => 422,
@@ -1080,6 +1103,7 @@ impl Node {
             app: slot.def.name.clone(),
             k: slot.def.replicas,
             scale: slot.def.clock_scale,
+            reads_refused: None,
         });
         let guard = slot.rt.lock_arc().await;
         let t0 = Instant::now();

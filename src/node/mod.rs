@@ -11,6 +11,7 @@ pub mod calls;
 pub mod config;
 pub mod functions;
 pub mod metrics;
+pub mod obj_handlers;
 pub mod objects;
 pub mod peers;
 pub mod pubsub;

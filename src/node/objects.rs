@@ -49,6 +49,7 @@
 use super::calls::Call;
 use super::runtime::{Node, OpError};
 use crate::containers::{FnError, FnSpec};
+use crate::handlers::Event;
 use crate::http::{self, Resp};
 use crate::id::NodeId;
 use crate::objects::{
@@ -158,7 +159,7 @@ impl Answer {
     fn ok(v: Value) -> Answer {
         Self::json(StatusCode::OK, &v)
     }
-    fn err(status: StatusCode, msg: impl std::fmt::Display) -> Answer {
+    pub(super) fn err(status: StatusCode, msg: impl std::fmt::Display) -> Answer {
         Self::json(status, &json!({ "error": msg.to_string() }))
     }
     fn is_ok(&self) -> bool {
@@ -200,7 +201,7 @@ fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn ring(id: &str) -> NodeId {
+pub(super) fn ring(id: &str) -> NodeId {
     NodeId::for_key(OBJ_BUCKET, id)
 }
 
@@ -336,6 +337,8 @@ pub struct Objects {
     /// creation at the key's root.
     admin: smol::lock::Mutex<()>,
     pub stats: ObjStats,
+    /// Loaded class handlers.
+    pub(super) handlers: super::obj_handlers::ClassHandlers,
 }
 
 /// The `objects` part of `/api/status`.
@@ -842,6 +845,14 @@ impl<'a> Batch<'a> {
                     Ok(s) => s,
                     Err(r) => return answer(&reply, Answer::from_refusal(r)),
                 };
+                let st = match self
+                    .node
+                    .class_state_hook(&pkg, c, self.id, &caller, st, true)
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(a) => return answer(&reply, a),
+                };
                 let mut rec = ObjectRecord::new(self.id, &pkg, &class, st);
                 rec.created_by = created_by;
                 self.work = Some(rec);
@@ -978,7 +989,9 @@ impl<'a> Batch<'a> {
                     });
                     return;
                 }
-                let out = self.run(&p, &c, &f, args, level, output_id, None).await;
+                let out = self
+                    .run(&p, &c, &f, args, level, &caller, output_id, None)
+                    .await;
                 match out {
                     Ok(a) => self.hold(reply, a),
                     Err(a) => answer(&reply, a),
@@ -1018,11 +1031,20 @@ impl<'a> Batch<'a> {
             .filter(|(n, _)| c.blob(n, level).is_ok())
             .map(|(n, b)| (n.clone(), json!({ "version": b.version, "size": b.size })))
             .collect();
+        let read = Event::Read { args: json!({}) };
+        let state = match self
+            .node
+            .class_handler(&p.name, &c, &w.id, caller, &w.state, read)
+            .await?
+        {
+            Some(v) => v,
+            None => Value::Object(c.visible(&w.state, level)),
+        };
         Ok(json!({
             "id": w.id,
             "class": format!("{}.{}", w.pkg, w.class),
             "version": w.version,
-            "state": c.visible(&w.state, level),
+            "state": state,
             "blobs": blobs,
             "pending": w.log.len(),
             "applied": w.applied,
@@ -1064,7 +1086,16 @@ impl<'a> Batch<'a> {
                 .as_ref()
                 .map(|_| MacroRun::output_id(&format!("{}-{}", self.id, e.seq), &e.function));
             match self
-                .run(&p, &c, &f, e.args.clone(), level, out_id, Some(e.seq))
+                .run(
+                    &p,
+                    &c,
+                    &f,
+                    e.args.clone(),
+                    level,
+                    &e.caller,
+                    out_id,
+                    Some(e.seq),
+                )
                 .await
             {
                 Ok(_) => {}
@@ -1091,6 +1122,7 @@ impl<'a> Batch<'a> {
         f: &Function,
         args: Value,
         level: Level,
+        caller: &Caller,
         output_id: Option<String>,
         seq: Option<u64>,
     ) -> Result<Answer, Answer> {
@@ -1111,6 +1143,12 @@ impl<'a> Batch<'a> {
                 StatusCode::BAD_REQUEST,
                 "MACRO functions cannot be queued",
             )),
+        };
+        let res = match res {
+            Ok(r) if c.handler.is_some() => {
+                self.class_hooks(p, c, f, caller, level, &args, r).await
+            }
+            other => other,
         };
         match (res, seq) {
             (Ok((state, blobs, output)), Some(seq)) => {
@@ -1147,6 +1185,47 @@ impl<'a> Batch<'a> {
             }
             (Err(a), None) => Err(a),
         }
+    }
+
+    /// The class handler's say on a call's result: `readCb` shapes what
+    /// the built-in `get` returns, `updateCb` the state a call commits.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    async fn class_hooks(
+        &self,
+        p: &Arc<Package>,
+        c: &Class,
+        f: &Function,
+        caller: &Caller,
+        level: Level,
+        args: &Value,
+        (state, blobs, output): (Option<Map<String, Value>>, BTreeMap<String, BlobRef>, Value),
+    ) -> Result<(Option<Map<String, Value>>, BTreeMap<String, BlobRef>, Value), Answer> {
+        let Some(w) = self.work.as_ref() else {
+            return Ok((state, blobs, output));
+        };
+        let builtin = matches!(f.body, Body::Builtin);
+        if builtin && f.name == "get" {
+            let read = Event::Read { args: args.clone() };
+            let out = self
+                .node
+                .class_handler(&p.name, c, self.id, caller, &w.state, read)
+                .await?;
+            return Ok((state, blobs, out.unwrap_or(output)));
+        }
+        let Some(st) = state else {
+            return Ok((None, blobs, output));
+        };
+        let st = self
+            .node
+            .class_state_hook(&p.name, c, self.id, caller, st, false)
+            .await?;
+        // The built-in update answers with the state as committed.
+        let output = if builtin && f.name == "update" {
+            Value::Object(c.visible(&st, level))
+        } else {
+            output
+        };
+        Ok((Some(st), blobs, output))
     }
 
     #[allow(clippy::type_complexity)]

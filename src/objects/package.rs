@@ -140,7 +140,7 @@ struct RawClass {
     state: RawState,
     #[serde(default)]
     functions: Vec<RawFunction>,
-    /// Lua source of the class's handler (the CLI inlines a file).
+    /// Lua source of the class's handler (see `node::obj_handlers`).
     #[serde(default)]
     handler: Option<String>,
 }
@@ -300,6 +300,30 @@ impl Errors<'_> {
     }
 }
 
+/// The name a class's handler runs under (its counters, its log lines).
+pub fn runtime_name(pkg: &str, class: &str) -> String {
+    format!("{pkg}.{class}")
+}
+
+/// Loads a class's Lua handler in the handlers layer's sandbox, with the
+/// default limits: at deploy to check it, on a root to run it.
+pub fn load_handler(
+    pkg: &str,
+    class: &str,
+    source: &str,
+) -> Result<crate::handlers::AppRuntime, String> {
+    let name = runtime_name(pkg, class);
+    crate::handlers::AppRuntime::new(
+        &name,
+        &crate::handlers::HandlerSource::Lua {
+            name: format!("{name} handler"),
+            code: source.to_string(),
+        },
+        crate::handlers::Limits::default(),
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// An identifier: a letter, then letters, digits or `_`, at most 64.
 pub fn is_ident(s: &str) -> bool {
     let mut c = s.chars();
@@ -415,6 +439,11 @@ fn resolve(raw: RawPackage, errs: &mut Errors) -> Package {
         let c = &raw.classes[i];
         let anc = ancestors.get(c.name.as_str()).cloned().unwrap_or_default();
         let inherited = c.parent.as_ref().and_then(|p| classes.get(p));
+        // A class without a handler of its own runs its parent's.
+        let handler = c
+            .handler
+            .clone()
+            .or_else(|| inherited.and_then(|p| p.handler.clone()));
         let mut fields = inherited.map(|p| p.fields.clone()).unwrap_or_default();
         let mut blobs = inherited.map(|p| p.blobs.clone()).unwrap_or_default();
         let mut functions = inherited
@@ -477,6 +506,17 @@ fn resolve(raw: RawPackage, errs: &mut Errors) -> Package {
             }
             blobs.insert(b.name.clone(), BlobSpec { access: b.access });
         }
+        if let Some(src) = &c.handler {
+            match load_handler(&raw.name, &c.name, src) {
+                Err(e) => errs.add(&format!("{base}.handler"), e),
+                Ok(rt) if rt.defines(crate::handlers::EventKind::Timer) => errs.add(
+                    &format!("{base}.handler"),
+                    "timerCb is not run for objects (their handlers act on create, read and \
+                     update); app handlers have timers",
+                ),
+                Ok(_) => {}
+            }
+        }
         if c.functions.len() > MAX_FUNCTIONS {
             errs.add(
                 &format!("{base}.functions"),
@@ -515,7 +555,7 @@ fn resolve(raw: RawPackage, errs: &mut Errors) -> Package {
                 fields,
                 blobs,
                 functions,
-                handler: c.handler.clone(),
+                handler,
             },
         );
     }
@@ -962,6 +1002,23 @@ classes:
 
     fn errors(text: &str) -> Vec<PkgError> {
         parse_package("p.yaml", text).unwrap_err()
+    }
+
+    #[test]
+    fn class_handlers_are_inherited_and_checked_at_deploy() {
+        let text = "name: p\nclasses:\n  - name: A\n    handler: |\n      function readCb(c, a) return 1 end\n  - name: B\n    parent: A\n  - name: C\n    parent: A\n    handler: \"function updateCb(c, s) return s end\"\n";
+        let p = parse_package("p.yaml", text).unwrap();
+        let h = |c: &str| p.class(c).unwrap().handler.clone().unwrap_or_default();
+        assert!(h("A").contains("readCb"));
+        assert_eq!(h("B"), h("A"));
+        assert!(h("C").contains("updateCb"));
+        let e =
+            errors("name: p\nclasses:\n  - name: A\n  - name: B\n    handler: \"function (\"\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].field, "classes[1].handler");
+        assert_eq!(e[0].line, Some(5));
+        let e = errors("name: p\nclasses:\n  - name: A\n    handler: \"while true do end\"\n");
+        assert!(e[0].message.contains("instructions"), "{e:?}");
     }
 
     #[test]

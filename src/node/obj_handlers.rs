@@ -1,0 +1,232 @@
+//! Lua handlers of object classes, run by the handlers layer's sandbox at
+//! the object's root, inside the object's call queue.
+//!
+//! A class's `handler` (or, if it has none, its nearest ancestor's) may
+//! define:
+//! - `createCb(caller, state)` on `new`: `state` is the initial state
+//!   (defaults and the given fields); returns the state to store.
+//! - `readCb(caller, args)` on `get` (the built-in function and
+//!   `capy obj get`): `sys.read(sys.key())` is the whole state; returns
+//!   what the reader gets as the object's state.
+//! - `updateCb(caller, state)` on every state change a call makes (the
+//!   built-in `update`, a TASK's new state, logged async calls included):
+//!   `state` is the new state; returns the state to commit.
+//!
+//! Returning nil keeps the default (the given state, or what `get` shows);
+//! `error(...)` refuses the call with the handler's message and the object
+//! stays as it was. A returned state is checked against the class's fields
+//! like a TASK's. `caller` is `"client"` or the calling function's
+//! `PKG.CLASS`. The handler is the class's own code: it sees every field.
+//!
+//! These handlers shape an object's state; they act on nothing else. The
+//! `sys` effects (`write`, `delete`, `publish`, containers, replicas) and
+//! reads of other keys belong to app handlers: an object handler that asks
+//! for one fails its call with a clear error. `timerCb` is refused at deploy.
+//! The Lua `state` global is a per-node cache (for an object, keyed by its
+//! id), not durable: what must last belongs in the object's state.
+
+use super::apps::handler_status;
+use super::objects::Answer;
+use super::runtime::Node;
+use crate::handlers::{AppKey, AppRuntime, CallCtx, Event};
+use crate::objects::package::{load_handler as load, runtime_name};
+use crate::objects::{Caller, Class};
+use hyper::StatusCode;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// The loaded handlers of this node's object classes, by `PKG.CLASS`.
+#[derive(Default)]
+pub struct ClassHandlers {
+    slots: Mutex<HashMap<String, Arc<ClassSlot>>>,
+}
+
+struct ClassSlot {
+    source: String,
+    rt: Arc<smol::lock::Mutex<AppRuntime>>,
+}
+
+fn caller_name(c: &Caller) -> String {
+    match c {
+        Caller::External => "client".into(),
+        Caller::Function { pkg, class } => runtime_name(pkg, class),
+    }
+}
+
+impl Node {
+    async fn class_slot(
+        &self,
+        pkg: &str,
+        c: &Class,
+        source: &str,
+    ) -> Result<Arc<ClassSlot>, Answer> {
+        let name = runtime_name(pkg, &c.name);
+        let cached = self
+            .objects
+            .handlers
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .cloned();
+        if let Some(s) = cached.filter(|s| s.source == source) {
+            return Ok(s);
+        }
+        let (p, k, src) = (pkg.to_string(), c.name.clone(), source.to_string());
+        let rt = smol::unblock(move || load(&p, &k, &src))
+            .await
+            .map_err(|e| {
+                Answer::err(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("class {name}: {e}"),
+                )
+            })?;
+        let slot = Arc::new(ClassSlot {
+            source: source.to_string(),
+            rt: Arc::new(smol::lock::Mutex::new(rt)),
+        });
+        let mut slots = self
+            .objects
+            .handlers
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // A bounded cache: a node serves a few hundred classes at most.
+        if slots.len() >= 1024 {
+            slots.clear();
+        }
+        slots.insert(name, slot.clone());
+        Ok(slot)
+    }
+
+    /// Runs the class's callback for `event` on object `id`, whose state is
+    /// `state`. `Ok(None)`: the class has no handler or no such callback,
+    /// or it returned nil.
+    pub(super) async fn class_handler(
+        self: &Arc<Self>,
+        pkg: &str,
+        c: &Class,
+        id: &str,
+        caller: &Caller,
+        state: &Map<String, Value>,
+        event: Event,
+    ) -> Result<Option<Value>, Answer> {
+        let Some(source) = &c.handler else {
+            return Ok(None);
+        };
+        let slot = self.class_slot(pkg, c, source).await?;
+        let kind = event.kind();
+        let name = runtime_name(pkg, &c.name);
+        // sys.node_id() is the object's root vnode.
+        let ring = super::objects::ring(id);
+        let vnode = self
+            .root_vnode(ring)
+            .or_else(|| self.identity_vnodes.first().copied())
+            .unwrap_or(ring);
+        let ctx = CallCtx {
+            key: AppKey::new(name.clone(), id),
+            caller: caller_name(caller),
+            data: Some(Value::Object(state.clone())),
+            holders: Vec::new(),
+        };
+        let host = self.object_host(vnode);
+        let mut rt = slot.rt.lock_arc().await;
+        if !rt.defines(kind) {
+            return Ok(None);
+        }
+        let t0 = Instant::now();
+        let res = smol::unblock(move || {
+            let out = futures_lite::future::block_on(rt.call(event, ctx, host));
+            drop(rt);
+            out
+        })
+        .await;
+        let counters = self.apps.counters(&name);
+        counters.calls.fetch_add(1, Relaxed);
+        counters.events.inc(kind.name());
+        counters.latency.record_us(t0.elapsed().as_micros() as u64);
+        let refuse = |status: u16, msg: String| {
+            counters.errors.fetch_add(1, Relaxed);
+            tracing::warn!(class = %name, object = %id, "{msg}");
+            Answer::err(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
+                msg,
+            )
+        };
+        let out = match res {
+            Ok(o) => o,
+            Err(e) => {
+                return Err(refuse(
+                    handler_status(&e),
+                    format!(
+                        "{} of class {name}: {e}; the object is unchanged",
+                        kind.callback()
+                    ),
+                ))
+            }
+        };
+        for l in &out.logs {
+            tracing::info!(class = %name, object = %id, "handler: {l}");
+        }
+        if let Some(e) = out.effects.first() {
+            return Err(refuse(
+                422,
+                format!(
+                    "{} of class {name} asked for {}: object handlers only shape their object's \
+                     state (sys effects are for app handlers); the object is unchanged",
+                    kind.callback(),
+                    effect_name(e)
+                ),
+            ));
+        }
+        Ok(out.result)
+    }
+
+    /// `createCb`/`updateCb`: the state to store instead of `state`.
+    pub(super) async fn class_state_hook(
+        self: &Arc<Self>,
+        pkg: &str,
+        c: &Class,
+        id: &str,
+        caller: &Caller,
+        state: Map<String, Value>,
+        create: bool,
+    ) -> Result<Map<String, Value>, Answer> {
+        if c.handler.is_none() {
+            return Ok(state);
+        }
+        let event = if create {
+            Event::Create
+        } else {
+            Event::Update {
+                new_data: Value::Object(state.clone()),
+            }
+        };
+        let cb = event.kind().callback();
+        match self.class_handler(pkg, c, id, caller, &state, event).await? {
+            None => Ok(state),
+            Some(v) => c.check_state(&v).map_err(|r| {
+                Answer::err(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("{cb} of class {pkg}.{} returned a state the class refuses: {r}; the object is unchanged", c.name),
+                )
+            }),
+        }
+    }
+}
+
+fn effect_name(e: &crate::handlers::Effect) -> &'static str {
+    use crate::handlers::Effect as E;
+    match e {
+        E::Write { .. } => "sys.write",
+        E::Delete { .. } => "sys.delete",
+        E::DeployContainer { .. } => "sys.deploy_container",
+        E::DeleteContainer { .. } => "sys.delete_container",
+        E::Publish { .. } => "sys.publish",
+        E::Subscribe { .. } | E::Unsubscribe { .. } => "a subscription",
+        E::SetReplicas { .. } => "sys.set_replicas",
+    }
+}
