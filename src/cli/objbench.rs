@@ -35,6 +35,10 @@ pub struct ObjBenchArgs {
     /// Skip the TASK part (no podman here).
     #[arg(long)]
     pub no_task: bool,
+    /// Give the class a Lua handler whose `updateCb` runs on every update
+    /// (counts them in the state): what a class handler costs per call.
+    #[arg(long)]
+    pub class_handler: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -61,6 +65,8 @@ pub struct TaskFigures {
 pub struct ObjReport {
     pub nodes: usize,
     pub clients: usize,
+    /// Whether the class ran a Lua `updateCb` on every call.
+    pub class_handler: bool,
     pub update: Figures,
     /// Store commits per update call (group commit makes it < 1).
     pub commits_per_call: Option<f64>,
@@ -93,6 +99,15 @@ classes:
         config: {action: incr, field: n}
 "#;
 
+/// Added to [`PKG`] with `--class-handler`.
+const HANDLER: &str = r#"        - {name: updates, type: integer, default: 0}
+    handler: |
+      function updateCb(caller, st)
+        st.updates = (st.updates or 0) + 1
+        return st
+      end
+"#;
+
 async fn post(c: &mut Client, path: &str, body: &str) -> Result<serde_json::Value, String> {
     let r = c
         .request(
@@ -115,8 +130,9 @@ pub fn run(a: ObjBenchArgs) -> i32 {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
             } else {
                 println!(
-                    "{} nodes; built-in update on one object, {} clients: {:.0} calls/s, p50 {:.3} ms, p99 {:.3} ms ({} errors)",
-                    r.nodes, r.clients, r.update.calls_per_s, r.update.p50_ms, r.update.p99_ms, r.update.errors
+                    "{} nodes; built-in update on one object, {} clients{}: {:.0} calls/s, p50 {:.3} ms, p99 {:.3} ms ({} errors)",
+                    r.nodes, r.clients, if r.class_handler { ", with a class updateCb" } else { "" },
+                    r.update.calls_per_s, r.update.p50_ms, r.update.p99_ms, r.update.errors
                 );
                 if let Some(t) = &r.task {
                     println!(
@@ -152,7 +168,14 @@ fn bench(a: &ObjBenchArgs) -> Result<ObjReport, String> {
         let mut c = Client::connect(&addr, Duration::from_secs(60))
             .await
             .map_err(|e| e.to_string())?;
-        let text = PKG.replace("IMAGE", &a.image);
+        let mut text = PKG.replace("IMAGE", &a.image);
+        if a.class_handler {
+            // The extra field and the handler go after the last field.
+            text = text.replace(
+                "        - {name: note, type: string, default: \"\"}\n",
+                &format!("        - {{name: note, type: string, default: \"\"}}\n{HANDLER}"),
+            );
+        }
         let r = c
             .request(
                 Method::POST,
@@ -199,6 +222,22 @@ fn bench(a: &ObjBenchArgs) -> Result<ObjReport, String> {
             errors += e;
         }
         let update = figures(lat, errors, started.elapsed());
+        if a.class_handler {
+            // The handler must have run once per acknowledged update.
+            let r = c
+                .request(Method::GET, &format!("/api/obj/{id}"), None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&r.body).map_err(|e| e.to_string())?;
+            let counted = v["state"]["updates"].as_u64().unwrap_or(0);
+            if counted != update.calls as u64 {
+                return Err(format!(
+                    "the class handler counted {counted} updates, {} were acknowledged",
+                    update.calls
+                ));
+            }
+        }
         let commits_per_call = match (commits_before, commits(&cluster)) {
             (Some(b), Some(a2)) if update.calls > 0 => Some((a2 - b) as f64 / update.calls as f64),
             _ => None,
@@ -232,6 +271,7 @@ fn bench(a: &ObjBenchArgs) -> Result<ObjReport, String> {
         Ok(ObjReport {
             nodes: a.nodes,
             clients: a.clients,
+            class_handler: a.class_handler,
             update,
             commits_per_call,
             task,
