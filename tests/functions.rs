@@ -10,62 +10,19 @@
 //! blocks: the same image to podman, another reference to capy).
 
 use capy::cli::cluster::LocalCluster;
+use capy::containers::testenv::{test_env, TestEnv};
 use capy::containers::{Engine, Podman, LABEL_NODE};
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_capy"))
 }
 
-struct Env {
-    socket: PathBuf,
-    archive: Vec<u8>,
-}
-
-fn run_script(name: &str, args: &[&str]) -> Result<String, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("scripts")
-        .join(name);
-    let out = std::process::Command::new(script)
-        .args(args)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| format!("running scripts/{name}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("scripts/{name} failed: {}", out.status));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn setup() -> Result<Env, String> {
-    let socket = PathBuf::from(
-        std::env::var("CAPY_PODMAN_SOCKET")
-            .unwrap_or_else(|_| capy::containers::DEFAULT_SOCKET.to_string()),
-    );
-    let ping = |s: &Path| smol::block_on(Podman::new(s).ping());
-    if ping(&socket).is_err() {
-        run_script("setup-podman", &[&socket.display().to_string()])?;
-        ping(&socket).map_err(|e| format!("podman still unreachable after setup: {e}"))?;
-    }
-    let image = match std::env::var("CAPY_FN_IMAGE") {
-        Ok(p) => PathBuf::from(p),
-        Err(_) => PathBuf::from(run_script("build-fn-image", &[])?),
-    };
-    let archive = std::fs::read(&image)
-        .map_err(|e| format!("reading the function image {}: {e}", image.display()))?;
-    Ok(Env { socket, archive })
-}
-
-fn env() -> &'static Env {
-    static ENV: OnceLock<Result<Env, String>> = OnceLock::new();
-    match ENV.get_or_init(setup) {
-        Ok(e) => e,
-        Err(e) => panic!("podman is needed for these tests and could not be set up: {e}"),
-    }
+fn env() -> &'static TestEnv {
+    test_env()
 }
 
 /// The test image padded with zero blocks, unique to this process and `k`.

@@ -11,39 +11,20 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_capy"))
 }
 
-fn script(name: &str) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join("scripts").join(name))
-        .output()
-        .unwrap_or_else(|e| panic!("running scripts/{name}: {e}"));
-    assert!(
-        out.status.success(),
-        "scripts/{name} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Podman answering and the function image archive, made if missing.
+/// Podman answering and the function image archive, made if missing; the
+/// nodes started here find the socket in their environment.
 fn image_archive() -> &'static PathBuf {
-    static IMG: OnceLock<PathBuf> = OnceLock::new();
-    IMG.get_or_init(|| {
-        if std::env::var("CAPY_PODMAN_SOCKET").is_err() {
-            let s = script("setup-podman");
-            std::env::set_var("CAPY_PODMAN_SOCKET", s);
-        }
-        match std::env::var("CAPY_FN_IMAGE") {
-            Ok(p) => PathBuf::from(p),
-            Err(_) => PathBuf::from(script("build-fn-image")),
-        }
-    })
+    let env = capy::containers::testenv::test_env();
+    if std::env::var("CAPY_PODMAN_SOCKET").is_err() {
+        std::env::set_var("CAPY_PODMAN_SOCKET", &env.socket);
+    }
+    &env.archive_path
 }
 
 /// The address containers reach the host at: the podman network's gateway.

@@ -38,6 +38,8 @@ mod conn;
 mod engine;
 mod host;
 mod podman;
+#[doc(hidden)]
+pub mod testenv;
 
 #[cfg(test)]
 mod tests;

@@ -8,70 +8,20 @@
 use super::*;
 use bytes::Bytes;
 use serde_json::{json, Value};
-use std::path::PathBuf;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-struct Env {
-    socket: PathBuf,
-    archive: Bytes,
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn run_script(name: &str, args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new(repo().join("scripts").join(name))
-        .args(args)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| format!("running scripts/{name}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("scripts/{name} failed: {}", out.status));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn ping(socket: &std::path::Path) -> Result<String, EngineError> {
-    smol::block_on(Podman::new(socket).ping())
-}
-
-fn setup() -> Result<Env, String> {
-    let socket = PathBuf::from(
-        std::env::var("CAPY_PODMAN_SOCKET").unwrap_or_else(|_| DEFAULT_SOCKET.to_string()),
-    );
-    if ping(&socket).is_err() {
-        let s = socket.display().to_string();
-        run_script("setup-podman", &[&s])?;
-        ping(&socket).map_err(|e| format!("podman still unreachable after setup: {e}"))?;
-    }
-    let image = match std::env::var("CAPY_FN_IMAGE") {
-        Ok(p) => PathBuf::from(p),
-        Err(_) => PathBuf::from(run_script("build-fn-image", &[])?),
-    };
-    let archive = std::fs::read(&image)
-        .map_err(|e| format!("reading the function image {}: {e}", image.display()))?;
-    Ok(Env {
-        socket,
-        archive: archive.into(),
-    })
-}
-
-fn env() -> &'static Env {
-    static ENV: OnceLock<Result<Env, String>> = OnceLock::new();
-    match ENV.get_or_init(setup) {
-        Ok(e) => e,
-        Err(e) => panic!("podman is needed for these tests and could not be set up: {e}"),
-    }
+fn env() -> &'static testenv::TestEnv {
+    testenv::test_env()
 }
 
 /// The test image with `k` extra zero blocks at its end: the same image to
 /// podman, another archive (and so another image reference) to capy, so each
 /// test owns its reference and can remove it.
 fn archive(k: usize) -> Bytes {
-    let mut v = env().archive.to_vec();
+    let mut v = env().archive.clone();
     v.resize(v.len() + 1024 * k, 0);
     v.into()
 }
@@ -660,7 +610,7 @@ fn bench_figures() {
         let _images = IMAGES.write().await;
         let r = bench(
             engine(),
-            ImageSource::Bytes(env().archive.clone()),
+            ImageSource::Bytes(env().archive.clone().into()),
             BenchConfig {
                 cold_runs: 10,
                 warm_calls: 500,
