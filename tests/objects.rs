@@ -638,7 +638,6 @@ classes:
       end
       function readCb(caller, args)
         local o = sys.read(sys.key())
-        o.secret = nil
         o.unit = args.unit or "kWh"
         return o
       end
@@ -652,6 +651,31 @@ classes:
     parent: Meter
     handler: |
       function updateCb(caller, st) sys.write(nil, "elsewhere", st) return st end
+  - name: Nosy
+    parent: Meter
+    handler: |
+      function updateCb(caller, st)
+        local other = sys.read("someone-else")
+        return st
+      end
+  - name: Clip
+    state:
+      fields:
+        - { name: size, type: integer, default: 0 }
+        - { name: edits, type: integer, default: 0 }
+      blobs:
+        - { name: video }
+    functions:
+      - name: transcode
+        type: TASK
+        image: fn.tar
+        config: {action: transcode, src: video, dst: video}
+    handler: |
+      function updateCb(caller, st)
+        if st.size > 8 then error("clip too long: " .. st.size .. " bytes") end
+        st.edits = sys.read(sys.key()).edits + 1
+        return st
+      end
 "#;
 
 #[test]
@@ -678,7 +702,8 @@ fn class_handlers_shape_object_state_and_a_failing_one_changes_nothing() {
     let (code, out, err) = deploy_text("meters.yaml", METERS);
     assert_eq!(code, 0, "{out} {err}");
 
-    // createCb fills the owner; readCb hides the private field and adds a unit.
+    // createCb fills the owner and a PRIVATE field; readCb returns the whole
+    // state with a unit added, of which a client gets all but that field.
     let id = new_obj(&c, 1, "meters.Meter", json!({}));
     let o = ok(&c, 2, Method::GET, &format!("/api/obj/{id}"), None);
     assert_eq!(o["state"]["owner"], "client", "{o}");
@@ -763,7 +788,11 @@ fn class_handlers_shape_object_state_and_a_failing_one_changes_nothing() {
 
     // An endless loop and an effect the object handler may not have: the
     // call fails, the object and the node go on.
-    for (class, want) in [("Stuck", "instructions"), ("Leaky", "sys.write")] {
+    for (class, want) in [
+        ("Stuck", "instructions"),
+        ("Leaky", "sys.write"),
+        ("Nosy", "read another key"),
+    ] {
         let oid = new_obj(&c, 0, &format!("meters.{class}"), json!({}));
         let (s, r) = call(
             &c,
@@ -778,6 +807,75 @@ fn class_handlers_shape_object_state_and_a_failing_one_changes_nothing() {
         assert_eq!(o["state"]["reading"], 0, "{class}: {o}");
         assert_eq!(o["version"], 1, "{class}: {o}");
     }
+    // A TASK's new state goes through updateCb too: accepted, the new blob
+    // version is adopted; refused (through the exactly-once log), the old
+    // blob version and state stay, and stay readable after later commits.
+    let clip = new_obj(&c, 0, "meters.Clip", json!({}));
+    let blob = format!("/api/obj/{clip}/blobs/video");
+    let put = |body: &[u8]| {
+        let r = c.http(1, Method::PUT, &blob, Some(body.to_vec())).unwrap();
+        assert!(r.status.is_success(), "put blob: {}", r.status);
+    };
+    let get_blob = || {
+        let r = c.http(2, Method::GET, &blob, None).unwrap();
+        assert!(r.status.is_success(), "get blob: {}", r.status);
+        String::from_utf8_lossy(&r.body).to_string()
+    };
+    put(b"abc");
+    let r = ok(
+        &c,
+        0,
+        Method::POST,
+        &format!("/api/obj/{clip}/transcode"),
+        None,
+    );
+    assert_eq!(get_blob(), "ABC+t", "{r}");
+    let o = ok(&c, 0, Method::GET, &format!("/api/obj/{clip}"), None);
+    assert_eq!(
+        (o["state"]["size"].as_u64(), o["state"]["edits"].as_u64()),
+        (Some(5), Some(1)),
+        "{o}"
+    );
+    put(b"abcdefghij");
+    let a = ok(
+        &c,
+        1,
+        Method::POST,
+        &format!("/api/obj/{clip}/transcode?async=1"),
+        None,
+    );
+    let inv = a["invocation"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = ok(&c, 2, Method::GET, &format!("/api/inv/{inv}"), None);
+        if s["status"] == "failed" {
+            assert!(s["error"].to_string().contains("clip too long"), "{s}");
+            break;
+        }
+        assert_eq!(s["status"], "pending", "{s}");
+        assert!(
+            Instant::now() < deadline,
+            "async transcode not applied: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Later commits on the object must not purge the version it points to.
+    let (s, r) = call(
+        &c,
+        0,
+        Method::POST,
+        &format!("/api/obj/{clip}/update"),
+        Some(json!({ "size": 3 })),
+    );
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(get_blob(), "abcdefghij");
+    let o = ok(&c, 0, Method::GET, &format!("/api/obj/{clip}"), None);
+    assert_eq!(
+        (o["state"]["size"].as_u64(), o["state"]["edits"].as_u64()),
+        (Some(3), Some(2)),
+        "{o}"
+    );
+
     // The handler runs show in the metrics of the nodes that ran them.
     let runs: u64 = (0..3)
         .map(|n| {

@@ -604,23 +604,29 @@ struct NodeHost {
     k: u8,
     scale: u32,
     /// Object class handlers read nothing but their own object (passed
-    /// with the call): other reads get this refusal.
-    reads_refused: Option<&'static str>,
+    /// with the call): other reads get this refusal, and the flag is set so
+    /// that the call fails even if the handler ignores the error.
+    reads_refused: Option<(&'static str, Arc<std::sync::atomic::AtomicBool>)>,
 }
 
 impl Node {
     /// The `sys` host of an object class's handler: the node's facts as for
     /// an app, and no reads beyond the object itself.
-    pub(crate) fn object_host(self: &Arc<Self>, vnode: NodeId) -> Arc<dyn SysHost> {
+    pub(crate) fn object_host(
+        self: &Arc<Self>,
+        vnode: NodeId,
+        refused: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Arc<dyn SysHost> {
         Arc::new(NodeHost {
             node: self.clone(),
             vnode,
             app: String::new(),
             k: 0,
             scale: 1,
-            reads_refused: Some(
+            reads_refused: Some((
                 "an object's handler reads only its own object: sys.read(sys.key())",
-            ),
+                refused,
+            )),
         })
     }
 }
@@ -672,7 +678,8 @@ impl SysHost for NodeHost {
     fn read<'a>(&'a self, key: &AppKey) -> ReadFuture<'a> {
         let key = key.clone();
         Box::pin(async move {
-            if let Some(why) = self.reads_refused {
+            if let Some((why, flag)) = &self.reads_refused {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
                 return Err(why.to_string());
             }
             if key.app != self.app {

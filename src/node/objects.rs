@@ -49,7 +49,6 @@
 use super::calls::Call;
 use super::runtime::{Node, OpError};
 use crate::containers::{FnError, FnSpec};
-use crate::handlers::Event;
 use crate::http::{self, Resp};
 use crate::id::NodeId;
 use crate::objects::{
@@ -847,7 +846,7 @@ impl<'a> Batch<'a> {
                 };
                 let st = match self
                     .node
-                    .class_state_hook(&pkg, c, self.id, &caller, st, true)
+                    .class_state_hook(&pkg, c, self.id, &caller, None, st)
                     .await
                 {
                     Ok(s) => s,
@@ -1031,10 +1030,9 @@ impl<'a> Batch<'a> {
             .filter(|(n, _)| c.blob(n, level).is_ok())
             .map(|(n, b)| (n.clone(), json!({ "version": b.version, "size": b.size })))
             .collect();
-        let read = Event::Read { args: json!({}) };
         let state = match self
             .node
-            .class_handler(&p.name, &c, &w.id, caller, &w.state, read)
+            .class_read_hook(&p.name, &c, &w.id, caller, level, &w.state, json!({}))
             .await?
         {
             Some(v) => v,
@@ -1137,7 +1135,7 @@ impl<'a> Batch<'a> {
                         "commit failed",
                     ));
                 }
-                self.task(p, c, f, t, &args, output_id).await
+                self.task(p, c, f, t, &args, caller, output_id).await
             }
             Body::Macro(_) => Err(Answer::err(
                 StatusCode::BAD_REQUEST,
@@ -1205,22 +1203,22 @@ impl<'a> Batch<'a> {
         };
         let builtin = matches!(f.body, Body::Builtin);
         if builtin && f.name == "get" {
-            let read = Event::Read { args: args.clone() };
             let out = self
                 .node
-                .class_handler(&p.name, c, self.id, caller, &w.state, read)
+                .class_read_hook(&p.name, c, self.id, caller, level, &w.state, args.clone())
                 .await?;
             return Ok((state, blobs, out.unwrap_or(output)));
         }
-        let Some(st) = state else {
-            return Ok((None, blobs, output));
+        // TASK results went through updateCb in `task`.
+        let (true, Some(st)) = (builtin, state.as_ref()) else {
+            return Ok((state, blobs, output));
         };
         let st = self
             .node
-            .class_state_hook(&p.name, c, self.id, caller, st, false)
+            .class_state_hook(&p.name, c, self.id, caller, Some(&w.state), st.clone())
             .await?;
         // The built-in update answers with the state as committed.
-        let output = if builtin && f.name == "update" {
+        let output = if f.name == "update" {
             Value::Object(c.visible(&st, level))
         } else {
             output
@@ -1283,8 +1281,9 @@ impl<'a> Batch<'a> {
 
     /// Runs a TASK function on the object's state in a container. Blobs the
     /// function writes through its PUT URLs become new versions, adopted
-    /// only if the call succeeds.
-    #[allow(clippy::type_complexity)]
+    /// only if the call succeeds (and the class handler's `updateCb`, if
+    /// any, accepts the new state).
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     async fn task(
         &mut self,
         p: &Arc<Package>,
@@ -1292,6 +1291,7 @@ impl<'a> Batch<'a> {
         f: &Function,
         t: &Task,
         args: &Value,
+        caller: &Caller,
         output_id: Option<String>,
     ) -> Result<(Option<Map<String, Value>>, BTreeMap<String, BlobRef>, Value), Answer> {
         let node = self.node;
@@ -1432,6 +1432,23 @@ impl<'a> Batch<'a> {
                 (st, o.remove("output").unwrap_or(Value::Null))
             }
             other => (None, other),
+        };
+        // The class handler's updateCb, before anything outlives a refusal
+        // (the output object, the old blob versions' deletion).
+        let state = match state {
+            Some(st) if c.handler.is_some() => {
+                match node
+                    .class_state_hook(&p.name, c, self.id, caller, Some(&w.state), st)
+                    .await
+                {
+                    Ok(s) => Some(s),
+                    Err(a) => {
+                        discard(node, &written);
+                        return Err(a);
+                    }
+                }
+            }
+            other => other,
         };
         let mut output = output;
         if output.is_null() && f.output.is_none() {
@@ -1733,7 +1750,10 @@ async fn write_index(node: &Arc<Node>, names: &[String]) -> Result<(), Answer> {
 
 /// Validates the whole package, then stores it, then lists it.
 async fn deploy(node: &Arc<Node>, file: &str, text: &str) -> Answer {
-    let pkg = match crate::objects::parse_package(file, text) {
+    // Validation loads every class handler (Lua): off the executor.
+    let (f, t) = (file.to_string(), text.to_string());
+    let parsed = smol::unblock(move || crate::objects::parse_package(&f, &t)).await;
+    let pkg = match parsed {
         Ok(p) => p,
         Err(errs) => {
             let list: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
