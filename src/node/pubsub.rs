@@ -13,7 +13,6 @@ use super::apps::{wall_us, KeyOp};
 use super::runtime::{Node, Wire};
 use crate::id::{NodeHandle, NodeId};
 use crate::overlay::scribe::{self, Action, Hop, Router, Scribe, ScribeConfig};
-use crate::transport::Frame;
 use bytes::Bytes;
 use futures_lite::Stream;
 use http_body_util::BodyExt;
@@ -242,48 +241,25 @@ impl Node {
         }
     }
 
-    /// Sends a Scribe message; a failed send repairs the trees through it.
+    /// Sends a Scribe message; a failed send repairs the trees through it
+    /// (`spawn_send` calls [`Self::scribe_send_failed`]).
     fn send_scribe(self: &Arc<Self>, to: NodeHandle, msg: scribe::Msg) {
-        let wire = Wire::Scribe(msg);
-        let kind = match &wire {
-            Wire::Scribe(m) => m.kind(),
-            _ => "scribe",
-        };
-        let body = match postcard::to_allocvec(&wire) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!("encoding a {kind} message: {e}");
-                return;
-            }
-        };
-        self.metrics.msgs_out.inc(kind);
         let from = {
             let c = self.lock();
             c.nearest_vnode(to.id)
         }
         .or_else(|| self.identity_vnodes.first().copied());
         let Some(from) = from else { return };
-        let node = self.clone();
-        smol::spawn(async move {
-            let frame = Frame {
-                from,
-                to: to.id,
-                body,
-            };
-            if let Err(e) = node.transport.send(to.addr, Some(to.id), frame).await {
-                node.metrics.send_failures.fetch_add(1, Relaxed);
-                if node.stopping.load(Relaxed) {
-                    return;
-                }
-                tracing::debug!(to = ?to, "scribe send failed: {e}");
-                let acts = {
-                    let mut s = lock(&node.apps.pubsub.scribe);
-                    s.send_failed(wall_us(), to, &NodeRouter(&node))
-                };
-                node.scribe_actions(acts);
-            }
-        })
-        .detach();
+        self.spawn_send(from, to, Wire::Scribe(msg));
+    }
+
+    /// A Scribe message could not reach `to`.
+    pub(crate) fn scribe_send_failed(self: &Arc<Self>, to: NodeHandle) {
+        let acts = {
+            let mut s = lock(&self.apps.pubsub.scribe);
+            s.send_failed(wall_us(), to, &NodeRouter(self))
+        };
+        self.scribe_actions(acts);
     }
 
     /// A Scribe message from a peer.

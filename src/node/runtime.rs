@@ -555,13 +555,16 @@ impl Node {
                 if node.stopping.load(Ordering::Relaxed) {
                     return;
                 }
-                if let Wire::Overlay(msg) = wire {
-                    node.drive(|n, cores, ctx| {
+                match wire {
+                    Wire::Overlay(msg) => node.drive(|n, cores, ctx| {
                         if let Some(p) = cores.vnodes.get_mut(&from) {
                             let acts = p.send_failed(n.now(), to, msg);
                             n.overlay_actions(cores, from, acts, ctx);
                         }
-                    });
+                    }),
+                    // The multicast trees through `to` are repaired.
+                    Wire::Scribe(_) => node.scribe_send_failed(to),
+                    _ => {}
                 }
             }
         })
