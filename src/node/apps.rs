@@ -783,7 +783,7 @@ impl Node {
         if check_app_name(name).is_err() {
             return Ok(None);
         }
-        let k = self.cfg.replicas as u8;
+        let k = self.registry_k();
         let got = match self.get_k(APPS_BUCKET, name, k).await {
             Ok(g) => g,
             Err(e) => {
@@ -860,7 +860,7 @@ impl Node {
     }
 
     async fn app_index(self: &Arc<Self>) -> Result<Vec<String>, OpError> {
-        let k = self.cfg.replicas as u8;
+        let k = self.registry_k();
         match self.get_k(APPS_BUCKET, INDEX_KEY, k).await? {
             None => Ok(Vec::new()),
             Some(v) => serde_json::from_slice::<Vec<String>>(&v.value)
@@ -906,15 +906,37 @@ impl Node {
         }
     }
 
+    /// Copies of the registry (`_apps`) and of policy checkpoints at least:
+    /// the node's replication factor (1..=16, checked in the config).
+    fn registry_k(&self) -> u8 {
+        self.cfg.replicas as u8
+    }
+
+    /// The stored definition of `name` for a registry change. One this
+    /// node cannot decode (written by a newer version, say) is an error,
+    /// not "no app": that would let another owner take the name over.
+    async fn stored_def(self: &Arc<Self>, name: &str) -> Result<Option<AppDef>, Answer> {
+        let k = self.registry_k();
+        match self.get_k(APPS_BUCKET, name, k).await {
+            Ok(None) => Ok(None),
+            Ok(Some(v)) => serde_json::from_slice::<AppDef>(&v.value).map(Some).map_err(|e| {
+                Answer::error(
+                    500,
+                    &format!("the stored definition of app {name:?} is unreadable here ({e}); nothing changed"),
+                )
+            }),
+            Err(e) => Err(Answer::from_op(e)),
+        }
+    }
+
     async fn serve_register(self: &Arc<Self>, spec: AppSpec) -> Answer {
         if let Err(e) = spec.validate() {
             return Answer::error(400, &e);
         }
         let _one_at_a_time = self.apps.registry.lock().await;
-        let k = self.cfg.replicas as u8;
-        let existing = match self.get_k(APPS_BUCKET, &spec.name, k).await {
-            Ok(v) => v.and_then(|v| serde_json::from_slice::<AppDef>(&v.value).ok()),
-            Err(e) => return Answer::from_op(e),
+        let existing = match self.stored_def(&spec.name).await {
+            Ok(d) => d,
+            Err(a) => return a,
         };
         let mut names = match self.app_index().await {
             Ok(n) => n,
@@ -927,6 +949,7 @@ impl Node {
             Ok(d) => d,
             Err(a) => return a,
         };
+        let k = self.registry_k();
         let def_k = def.replicas.max(k);
         if let Err(e) = self
             .put_k(APPS_BUCKET, &def.name, Some(to_bytes(&json!(def))), def_k)
@@ -951,10 +974,9 @@ impl Node {
 
     async fn serve_remove(self: &Arc<Self>, name: &str, owner: Option<String>) -> Answer {
         let _one_at_a_time = self.apps.registry.lock().await;
-        let k = self.cfg.replicas as u8;
-        let existing = match self.get_k(APPS_BUCKET, name, k).await {
-            Ok(v) => v.and_then(|v| serde_json::from_slice::<AppDef>(&v.value).ok()),
-            Err(e) => return Answer::from_op(e),
+        let existing = match self.stored_def(name).await {
+            Ok(d) => d,
+            Err(a) => return a,
         };
         let Some(def) = existing else {
             return Answer::error(404, &format!("no app named {name:?}"));
@@ -973,13 +995,18 @@ impl Node {
         };
         names.retain(|n| n != name);
         if let Err(e) = self
-            .put_k(APPS_BUCKET, INDEX_KEY, Some(to_bytes(&json!(names))), k)
+            .put_k(
+                APPS_BUCKET,
+                INDEX_KEY,
+                Some(to_bytes(&json!(names))),
+                self.registry_k(),
+            )
             .await
         {
             return Answer::from_op(e);
         }
         if let Err(e) = self
-            .put_k(APPS_BUCKET, name, None, def.replicas.max(k))
+            .put_k(APPS_BUCKET, name, None, def.replicas.max(self.registry_k()))
             .await
         {
             return Answer::from_op(e);
@@ -1072,7 +1099,7 @@ impl Node {
         if !lock(&slot.touched).insert(name.clone()) {
             return;
         }
-        let k = slot.def.replicas.max(self.cfg.replicas as u8);
+        let k = slot.def.replicas.max(self.registry_k());
         match self.get_k(STATE_BUCKET, &name, k).await {
             Ok(Some(v)) => match serde_json::from_slice::<Json>(&v.value) {
                 Ok(st) => {
@@ -1168,7 +1195,7 @@ impl Node {
                             STATE_BUCKET,
                             &name,
                             None,
-                            def.replicas.max(self.cfg.replicas as u8),
+                            def.replicas.max(self.registry_k()),
                         )
                         .await;
                     slot.rt.lock().await.forget(&akey);
@@ -1567,7 +1594,7 @@ impl Node {
             return;
         };
         if let Some(st) = &out.state {
-            let sk = def.replicas.max(self.cfg.replicas as u8);
+            let sk = def.replicas.max(self.registry_k());
             let name = akey.to_string();
             if crate::store::entry::check_key(&name).is_ok() {
                 if let Err(e) = self
