@@ -45,6 +45,7 @@ use super::calls::Call;
 use super::metrics::{Histogram, Labeled};
 use super::pubsub::PubSub;
 use super::runtime::{Node, OpError};
+use super::{lock, wall_us};
 use crate::handlers::{
     AppKey, AppRuntime, CallCtx, Effect, Event, EventKind, HandlerError, HandlerSource, Limits,
     Outcome, ReadFuture, ReadResult, SysHost, POLICIES,
@@ -55,8 +56,8 @@ use serde_json::{json, Value as Json};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Bucket of app definitions and of the app index.
 pub const APPS_BUCKET: &str = "_apps";
@@ -492,17 +493,6 @@ pub struct Apps {
     scan_misses: Mutex<HashMap<String, Instant>>,
     functions: OnceLock<Arc<dyn FunctionControl>>,
     pub pubsub: PubSub,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-pub(crate) fn wall_us() -> Micros {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 impl Default for Apps {

@@ -45,6 +45,7 @@
 
 use super::calls::Call;
 use super::runtime::{Node, OpError};
+use super::wall_ms;
 use crate::containers::{
     AppStats, ContainerStatus, FnError, FnSpec, FunctionHost, HostConfig, ImageSource, KeepAlive,
     IMAGE_REPO,
@@ -61,7 +62,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Positions tried per ground key: the best of 2^16 is ~2^-17 of the ring
 /// from its target.
@@ -620,13 +621,6 @@ fn hex_digits(n: u32, buf: &mut [u8; 8]) -> &[u8] {
 
 fn chunk_base(name: &str, sha: &str, i: usize) -> String {
     format!("{name}#img:{}:{i}", &sha[..16.min(sha.len())])
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 // ---- the node's side -------------------------------------------------------
@@ -1602,7 +1596,7 @@ impl Node {
             memory_bytes: opts.memory_bytes,
             timeout_ms: opts.timeout.as_millis().max(1) as u64,
             keep_alive_s: opts.keep_alive_s,
-            deployed_at_ms: now_ms(),
+            deployed_at_ms: wall_ms(),
             deployed_via: self.name.clone(),
         };
         let body = serde_json::to_vec(&rec)

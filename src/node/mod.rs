@@ -28,7 +28,9 @@ use serde_json::json;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use runtime::OpError;
 
@@ -463,4 +465,24 @@ pub fn metrics_text(node: &Node) -> String {
     out.push_str(&functions::metrics_text(node));
     out.push_str(&node.apps_metrics());
     out
+}
+
+/// Wall-clock time, microseconds since the Unix epoch (0 if the clock is
+/// before it).
+pub(crate) fn wall_us() -> crate::id::Micros {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Wall-clock time in milliseconds since the Unix epoch.
+pub(crate) fn wall_ms() -> u64 {
+    wall_us() / 1000
+}
+
+/// Locks a mutex, going on with the data after a panic elsewhere (panic =
+/// abort in release, so a poisoned lock only happens in tests).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -48,6 +48,7 @@
 
 use super::calls::Call;
 use super::runtime::{Node, OpError};
+use super::wall_ms;
 use crate::containers::{FnError, FnSpec};
 use crate::http::{self, Resp};
 use crate::id::NodeId;
@@ -63,7 +64,7 @@ use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub const OBJ_BUCKET: &str = "capy.obj";
 pub const PKG_BUCKET: &str = "capy.pkg";
@@ -191,13 +192,6 @@ impl Answer {
         };
         Answer::err(status, r)
     }
-}
-
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 pub(super) fn ring(id: &str) -> NodeId {

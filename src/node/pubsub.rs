@@ -9,8 +9,9 @@
 //! bounded memory and never slows the tree. The Scribe core runs on wall
 //! time, so sequence numbers keep growing when a key's root changes.
 
-use super::apps::{wall_us, KeyOp};
+use super::apps::KeyOp;
 use super::runtime::{Node, Wire};
+use super::{lock, wall_us};
 use crate::id::{NodeHandle, NodeId};
 use crate::overlay::scribe::{self, Action, Hop, Router, Scribe, ScribeConfig};
 use bytes::Bytes;
@@ -20,7 +21,7 @@ use hyper::body::{Body, Frame as BodyFrame};
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -73,10 +74,6 @@ impl Default for PubSub {
             gaps: AtomicU64::new(0),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The overlay as this node's vnodes see it. A next hop that is another

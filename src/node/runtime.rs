@@ -6,6 +6,7 @@
 use super::calls::Call;
 use super::config::NodeConfig;
 use super::metrics::Metrics;
+use super::wall_us;
 use crate::id::{Micros, NodeHandle, NodeId};
 use crate::overlay::{self, Pastry};
 use crate::store::replica::{
@@ -18,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 // A routed store request carries one value; a frame carries one store
 // message. Checked at compile time so the layers' bounds cannot drift apart.
@@ -238,13 +239,6 @@ pub struct Node {
 /// Wall-clock microseconds: the replication core compares tombstone ages
 /// across nodes, so it runs on wall time; the overlay runs on a monotonic
 /// clock.
-fn wall_us() -> Micros {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
 impl Node {
     pub fn new(
         cfg: NodeConfig,
