@@ -321,6 +321,22 @@ pub enum Effect {
     },
 }
 
+impl Effect {
+    /// The `sys` function that asks for it (without `sys.`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Effect::Write { .. } => "write",
+            Effect::Delete { .. } => "delete",
+            Effect::DeployContainer { .. } => "deploy_container",
+            Effect::DeleteContainer { .. } => "delete_container",
+            Effect::Publish { .. } => "publish",
+            Effect::Subscribe { .. } => "subscribe",
+            Effect::Unsubscribe { .. } => "unsubscribe",
+            Effect::SetReplicas { .. } => "set_replicas",
+        }
+    }
+}
+
 /// What a successful call produced.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Outcome {

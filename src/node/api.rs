@@ -23,14 +23,7 @@ impl Handler for Api {
 }
 
 fn op_error(e: OpError) -> Resp {
-    let status = match e {
-        OpError::Invalid(_) => StatusCode::BAD_REQUEST,
-        OpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        OpError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        OpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        OpError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
-    };
-    http::error(status, &e.to_string())
+    http::error(e.status(), &e.to_string())
 }
 
 /// The `bucket` query parameter, default "default".

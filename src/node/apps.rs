@@ -373,14 +373,7 @@ impl Answer {
     }
 
     fn from_op(e: OpError) -> Answer {
-        let status = match e {
-            OpError::Invalid(_) => 400,
-            OpError::Unavailable(_) => 503,
-            OpError::Timeout(_) => 504,
-            OpError::Full(_) => 507,
-            OpError::Internal(_) => 500,
-        };
-        Answer::error(status, &e.to_string())
+        Answer::error(e.status().as_u16(), &e.to_string())
     }
 
     pub fn is_ok(&self) -> bool {
@@ -1290,16 +1283,7 @@ impl Node {
     ) {
         let c = self.apps.counters(&def.name);
         for e in effects {
-            let kind = match &e {
-                Effect::Write { .. } => "write",
-                Effect::Delete { .. } => "delete",
-                Effect::DeployContainer { .. } => "deploy_container",
-                Effect::DeleteContainer { .. } => "delete_container",
-                Effect::Publish { .. } => "publish",
-                Effect::Subscribe { .. } => "subscribe",
-                Effect::Unsubscribe { .. } => "unsubscribe",
-                Effect::SetReplicas { .. } => "set_replicas",
-            };
+            let kind = e.name();
             c.effects.inc(kind);
             if let Err(err) = self.apply_effect(def, own, stored, e).await {
                 c.effect_errors.fetch_add(1, Relaxed);

@@ -196,10 +196,10 @@ impl Node {
                 id,
                 422,
                 format!(
-                    "{} of class {name} asked for {}: object handlers only shape their object's \
-                     state (sys effects are for app handlers); the object is unchanged",
+                    "{} of class {name} asked for sys.{}: object handlers only shape their \
+                     object's state (sys effects are for app handlers); the object is unchanged",
                     kind.callback(),
-                    effect_name(e)
+                    e.name()
                 ),
             ));
         }
@@ -280,18 +280,5 @@ impl Node {
             ),
             other => other,
         }))
-    }
-}
-
-fn effect_name(e: &crate::handlers::Effect) -> &'static str {
-    use crate::handlers::Effect as E;
-    match e {
-        E::Write { .. } => "sys.write",
-        E::Delete { .. } => "sys.delete",
-        E::DeployContainer { .. } => "sys.deploy_container",
-        E::DeleteContainer { .. } => "sys.delete_container",
-        E::Publish { .. } => "sys.publish",
-        E::Subscribe { .. } | E::Unsubscribe { .. } => "a subscription",
-        E::SetReplicas { .. } => "sys.set_replicas",
     }
 }

@@ -175,14 +175,7 @@ impl Answer {
         }
     }
     fn from_op(e: OpError) -> Answer {
-        let status = match e {
-            OpError::Invalid(_) => StatusCode::BAD_REQUEST,
-            OpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            OpError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            OpError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
-            OpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Answer::err(status, e)
+        Answer::err(e.status(), e)
     }
     fn from_refusal(r: Refusal) -> Answer {
         let status = match r {

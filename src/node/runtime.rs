@@ -87,6 +87,19 @@ pub enum OpError {
     Full(String),
 }
 
+impl OpError {
+    /// The HTTP status a client gets for it.
+    pub fn status(&self) -> hyper::StatusCode {
+        match self {
+            OpError::Invalid(_) => hyper::StatusCode::BAD_REQUEST,
+            OpError::Unavailable(_) => hyper::StatusCode::SERVICE_UNAVAILABLE,
+            OpError::Timeout(_) => hyper::StatusCode::GATEWAY_TIMEOUT,
+            OpError::Full(_) => hyper::StatusCode::INSUFFICIENT_STORAGE,
+            OpError::Internal(_) => hyper::StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
 impl From<StoreError> for OpError {
     fn from(e: StoreError) -> Self {
         match e {
