@@ -569,8 +569,17 @@ impl Node {
                             n.overlay_actions(cores, from, acts, ctx);
                         }
                     }),
-                    // The multicast trees through `to` are repaired.
-                    Wire::Scribe(_) => node.scribe_send_failed(to),
+                    // The overlay forgets `to` and the multicast trees
+                    // through it are repaired (as `sim::subscribe` does).
+                    Wire::Scribe(_) => {
+                        node.drive(|n, cores, ctx| {
+                            if let Some(p) = cores.vnodes.get_mut(&from) {
+                                let acts = p.peer_failed(n.now(), to);
+                                n.overlay_actions(cores, from, acts, ctx);
+                            }
+                        });
+                        node.scribe_send_failed(to);
+                    }
                     _ => {}
                 }
             }

@@ -409,6 +409,12 @@ impl Pastry {
     /// The runtime could not deliver `msg` to `to`: `to` is treated as
     /// failed, the tables are repaired, and routed messages (Route, Join)
     /// go out again through another hop.
+    /// `to` failed to take a message of another protocol riding on this
+    /// overlay (Scribe): forget it and repair as for a failed send.
+    pub fn peer_failed(&mut self, now: Micros, to: NodeHandle) -> Vec<Action> {
+        self.send_failed(now, to, Msg::LeafSetRequest)
+    }
+
     pub fn send_failed(&mut self, now: Micros, to: NodeHandle, msg: Msg) -> Vec<Action> {
         let mut out = Vec::new();
         if to.id == self.me.id || self.state == State::Left {

@@ -308,13 +308,9 @@ impl Net {
                     let i = at as usize;
                     if self.sim.nodes[i].alive {
                         // the overlay learns of the dead node too, as the
-                        // node runtime tells it
+                        // node runtime tells it (`Node::spawn_send`)
                         self.sim.now = self.sim.now.max(t);
-                        let acts = self.sim.nodes[i].p.send_failed(
-                            t,
-                            to,
-                            crate::overlay::Msg::LeafSetRequest,
-                        );
+                        let acts = self.sim.nodes[i].p.peer_failed(t, to);
                         self.sim.apply(i, acts);
                         let now = self.now;
                         self.with(i, |s, r| s.send_failed(now, to, r));
