@@ -326,7 +326,7 @@ pub fn bench(b: BenchCmd) -> i32 {
         } => match super::bench::kv(nodes, ops, clients, value_size) {
             Ok(r) => {
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    return super::print_json(&r);
                 } else {
                     println!(
                         "{} nodes, {} clients, {}-byte values\nput: p50 {:.3} ms  p99 {:.3} ms  {:.0} ops/s  ({} errors)\nget: p50 {:.3} ms  p99 {:.3} ms  {:.0} ops/s  ({} errors)\nidle RSS of one node: {:.1} MiB (after load {:.1} MiB)",

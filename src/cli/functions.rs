@@ -127,7 +127,7 @@ fn fn_url(node: &str, app: &str, name: &str, tail: &str) -> String {
 
 use super::client::{failed, request_within as request};
 
-fn print_json(body: &[u8]) {
+fn print_body(body: &[u8]) {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
         Err(_) => println!("{}", String::from_utf8_lossy(body)),
@@ -264,7 +264,7 @@ fn invoke(c: &NodeArg, function: &str, input: Option<&str>, verbose: bool) -> i3
     if !r.status.is_success() {
         return failed(&format!("invoke {function}"), &r);
     }
-    print_json(&r.body);
+    print_body(&r.body);
     EXIT_OK
 }
 
@@ -288,7 +288,7 @@ fn simple(c: &NodeArg, function: &str, method: Method, tail: &str, what: &str) -
     if !r.status.is_success() {
         return failed(&format!("{what} {function}"), &r);
     }
-    print_json(&r.body);
+    print_body(&r.body);
     EXIT_OK
 }
 
@@ -362,7 +362,7 @@ pub fn bench(a: FnBenchArgs) -> i32 {
     match smol::block_on(bench_all(&a)) {
         Ok(r) => {
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                return super::print_json(&r);
             } else {
                 print_report(&r);
             }

@@ -462,3 +462,18 @@ fn restore_sigpipe() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
+
+/// Prints a command's report as pretty JSON on stdout; the exit code
+/// (`EXIT_FAILED`, with the reason on stderr, if it cannot be encoded).
+pub fn print_json<T: serde::Serialize>(report: &T) -> i32 {
+    match serde_json::to_string_pretty(report) {
+        Ok(s) => {
+            println!("{s}");
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("capy: cannot encode the report: {e}");
+            EXIT_FAILED
+        }
+    }
+}

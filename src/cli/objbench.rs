@@ -127,7 +127,7 @@ pub fn run(a: ObjBenchArgs) -> i32 {
     match bench(&a) {
         Ok(r) => {
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                return super::print_json(&r);
             } else {
                 println!(
                     "{} nodes; built-in update on one object, {} clients{}: {:.0} calls/s, p50 {:.3} ms, p99 {:.3} ms ({} errors)",

@@ -637,14 +637,7 @@ pub fn print_game_sim(opts: &GameSimOpts, json: bool) -> i32 {
     }
     let rep = run_game_sim(opts);
     if json {
-        match serde_json::to_string_pretty(&rep) {
-            Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("capy sim game: cannot encode report: {e}");
-                return 1;
-            }
-        }
-        return 0;
+        return crate::cli::print_json(&rep);
     }
     let opt = |v: Option<u32>| v.map_or("not reached".to_string(), |r| r.to_string());
     println!("capy sim game: {} nodes, seed {}", rep.nodes, rep.seed);

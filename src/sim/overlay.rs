@@ -146,7 +146,7 @@ impl SplitMix {
 }
 
 /// Node `i`'s fabricated address: 10.x.y.z, port 7000.
-pub(super) fn addr_of(i: usize) -> SocketAddr {
+fn addr_of(i: usize) -> SocketAddr {
     let n = (i + 1) as u32;
     SocketAddr::V4(SocketAddrV4::new(
         Ipv4Addr::new(10, (n >> 16) as u8, (n >> 8) as u8, n as u8),
@@ -173,7 +173,7 @@ pub(super) struct Node {
     zone: u16,
     access: u32,
     pub(super) alive: bool,
-    pub(super) joined: bool,
+    joined: bool,
 }
 
 enum Ev {
@@ -196,7 +196,7 @@ struct Lookup {
 pub(super) struct Sim {
     pub(super) nodes: Vec<Node>,
     zone_delay: Vec<Micros>,
-    pub(super) zones: usize,
+    zones: usize,
     queue: Queue<Ev>,
     pub(super) now: Micros,
     pub(super) rng: SplitMix,
@@ -266,7 +266,7 @@ impl Sim {
     }
 
     /// One-way delay between nodes without jitter.
-    pub(super) fn base_delay(&self, a: usize, b: usize) -> Micros {
+    fn base_delay(&self, a: usize, b: usize) -> Micros {
         let (na, nb) = (&self.nodes[a], &self.nodes[b]);
         let z = self.zone_delay[na.zone as usize * self.zones + nb.zone as usize];
         na.access as Micros + nb.access as Micros + z
@@ -718,16 +718,7 @@ pub fn print_overlay(opts: &OverlaySimOpts, json: bool) -> i32 {
     }
     let r = run_overlay(opts);
     if json {
-        return match serde_json::to_string(&r) {
-            Ok(s) => {
-                println!("{s}");
-                0
-            }
-            Err(e) => {
-                eprintln!("capy: cannot encode the report: {e}");
-                1
-            }
-        };
+        return crate::cli::print_json(&r);
     }
     let pct = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.2} %", v * 100.0));
     println!(

@@ -341,7 +341,7 @@ impl Net {
 
     /// The overlay's route delay from `from` to the root of `key`, hop by
     /// hop with Pastry's next hops (one sample of jitter per hop).
-    fn route_delay(&mut self, from: usize, key: NodeId) -> (Micros, usize) {
+    fn route_delay(&mut self, from: usize, key: NodeId) -> Micros {
         let mut cur = from;
         let mut total = 0;
         for _ in 0..64 {
@@ -352,7 +352,7 @@ impl Net {
             total += self.sim.delay(cur, j);
             cur = j;
         }
-        (total, cur)
+        total
     }
 }
 
@@ -387,7 +387,7 @@ pub fn run_subscribe(opts: &SubscribeSimOpts) -> SubscribeReport {
     let mut rows = Vec::new();
     let mut subs_by_topic: Vec<Vec<usize>> = Vec::new();
     let counts: Vec<usize> = opts.subscribers.clone();
-    for (round, &s) in counts.iter().enumerate() {
+    for &s in counts.iter() {
         let live = net.sim.live_sorted();
         // fresh trees for every size
         net.scribes = (0..net.sim.nodes.len())
@@ -454,7 +454,7 @@ pub fn run_subscribe(opts: &SubscribeSimOpts) -> SubscribeReport {
             let key = net.keys[t];
             let root = net.roots[t];
             for (k, &j) in subs_by_topic[t].clone().iter().enumerate() {
-                let (route, _) = net.route_delay(j, key);
+                let route = net.route_delay(j, key);
                 let back = net.sim.delay(root, j);
                 let phase = phases[t][k];
                 // first poll sent at phase + i * P that reaches the root at
@@ -502,7 +502,6 @@ pub fn run_subscribe(opts: &SubscribeSimOpts) -> SubscribeReport {
             messages_per_publish: net.publish_messages as f64 / pubs as f64,
             subscribe_messages_per_subscriber: subscribe_messages as f64 / total_subs.max(1) as f64,
         });
-        let _ = round;
     }
     let repair = (opts.fail_fraction > 0.0 && !rows.is_empty())
         .then(|| repair_phase(&mut net, opts, &subs_by_topic));
@@ -683,11 +682,12 @@ fn repair_phase(net: &mut Net, opts: &SubscribeSimOpts, subs: &[Vec<usize>]) -> 
 /// `capy sim subscribe`: prints the report; returns the exit code.
 pub fn print_subscribe(opts: &SubscribeSimOpts, json: bool) -> i32 {
     let max = opts.subscribers.iter().copied().max().unwrap_or(0);
+    let min = opts.subscribers.iter().copied().min().unwrap_or(0);
     if opts.nodes < 2 || opts.nodes > 200_000 {
         eprintln!("capy: --nodes must be between 2 and 200000");
         return 2;
     }
-    if max == 0 || max >= opts.nodes {
+    if min == 0 || max >= opts.nodes {
         eprintln!(
             "capy: subscriber counts must be positive and below the node count ({})",
             opts.nodes
@@ -698,8 +698,12 @@ pub fn print_subscribe(opts: &SubscribeSimOpts, json: bool) -> i32 {
         eprintln!("capy: --topics must be 1..64 and --publishes 1..10000");
         return 2;
     }
-    if opts.poll_interval == 0 || opts.publish_every == 0 {
-        eprintln!("capy: intervals must be positive");
+    // An hour bounds the virtual times (microseconds) far from overflow.
+    let hour = 3600 * SEC;
+    if !(1..=hour).contains(&opts.poll_interval) || !(1..=hour).contains(&opts.publish_every) {
+        eprintln!(
+            "capy: the polling and publishing intervals must be positive and at most an hour"
+        );
         return 2;
     }
     if !(0.0..0.5).contains(&opts.fail_fraction) {
@@ -708,16 +712,7 @@ pub fn print_subscribe(opts: &SubscribeSimOpts, json: bool) -> i32 {
     }
     let r = run_subscribe(opts);
     if json {
-        return match serde_json::to_string(&r) {
-            Ok(s) => {
-                println!("{s}");
-                0
-            }
-            Err(e) => {
-                eprintln!("capy: cannot encode the report: {e}");
-                1
-            }
-        };
+        return crate::cli::print_json(&r);
     }
     println!(
         "{} nodes, {} topics x {} publications, polling every {} ms",

@@ -117,7 +117,7 @@ pub fn run(name: &str, opts: &EvalOpts) -> Result<Report, EvalError> {
     match name {
         "keepalive" => keepalive::run(opts),
         "locality" => locality::run(opts),
-        "subscriptions" | "subscribe" => subscriptions::run(opts),
+        "subscriptions" => subscriptions::run(opts),
         "replication" => replication::run(opts),
         "balance" => balance::run(opts),
         "recovery" => recovery::run(opts),
