@@ -123,6 +123,22 @@ fn new_obj(c: &LocalCluster, node: usize, class: &str, state: Value) -> String {
     v["id"].as_str().expect("id").to_string()
 }
 
+/// The status of invocation `inv` once it is no longer pending.
+fn settled(c: &LocalCluster, node: usize, inv: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = ok(c, node, Method::GET, &format!("/api/inv/{inv}"), None);
+        if s["status"] != "pending" {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "invocation {inv} not applied: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn deploy(c: &LocalCluster, dir: &Path) {
     let (code, out, err) = capy(
         c,
@@ -270,17 +286,16 @@ fn the_example_package_end_to_end() {
     assert!(e["error"].as_str().unwrap().contains("PRIVATE"), "{e}");
     let (s, e) = call(&c, 1, Method::DELETE, &format!("/api/obj/{v}"), None);
     assert_eq!(s, StatusCode::FORBIDDEN, "{e}");
-    let (s, _) = call(
+    // A PRIVATE blob is not even listed for a client: 404, as if absent.
+    let (s, e) = call(
         &c,
         1,
         Method::GET,
         &format!("/api/obj/{v}/blobs/master"),
         None,
     );
-    assert!(
-        s == StatusCode::FORBIDDEN || s == StatusCode::NOT_FOUND,
-        "{s}"
-    );
+    assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
+    assert!(e.to_string().contains("not PUBLIC"), "{e}");
     let (s, e) = call(
         &c,
         1,
@@ -382,16 +397,9 @@ fn the_example_package_end_to_end() {
         None,
     );
     let inv = a["invocation"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = ok(&c, 2, Method::GET, &format!("/api/inv/{inv}"), None);
-        if s["status"] == "done" {
-            assert_eq!(s["output"]["state"]["views"], 2, "{s}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "async call not applied: {s}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let s = settled(&c, 2, &inv, Duration::from_secs(30));
+    assert_eq!(s["status"], "done", "{s}");
+    assert_eq!(s["output"]["state"]["views"], 2, "{s}");
     let (code, out, _) = capy(&c, 0, &["inv", &inv]);
     assert_eq!(code, 0);
     assert!(out.contains("done"), "{out}");
@@ -745,17 +753,9 @@ fn class_handlers_shape_object_state_and_a_failing_one_changes_nothing() {
         Some(json!({ "reading": -2 })),
     );
     let inv = a["invocation"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = ok(&c, 2, Method::GET, &format!("/api/inv/{inv}"), None);
-        if s["status"] == "failed" {
-            assert!(s["error"].to_string().contains("never negative"), "{s}");
-            break;
-        }
-        assert_eq!(s["status"], "pending", "{s}");
-        assert!(Instant::now() < deadline, "async call not applied: {s}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let s = settled(&c, 2, &inv, Duration::from_secs(30));
+    assert_eq!(s["status"], "failed", "{s}");
+    assert!(s["error"].to_string().contains("never negative"), "{s}");
     let after = ok(&c, 0, Method::GET, &format!("/api/obj/{id}"), None);
     assert_eq!(
         after["state"], before["state"],
@@ -845,20 +845,9 @@ fn class_handlers_shape_object_state_and_a_failing_one_changes_nothing() {
         None,
     );
     let inv = a["invocation"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = ok(&c, 2, Method::GET, &format!("/api/inv/{inv}"), None);
-        if s["status"] == "failed" {
-            assert!(s["error"].to_string().contains("clip too long"), "{s}");
-            break;
-        }
-        assert_eq!(s["status"], "pending", "{s}");
-        assert!(
-            Instant::now() < deadline,
-            "async transcode not applied: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let s = settled(&c, 2, &inv, Duration::from_secs(60));
+    assert_eq!(s["status"], "failed", "{s}");
+    assert!(s["error"].to_string().contains("clip too long"), "{s}");
     // Later commits on the object must not purge the version it points to.
     let (s, r) = call(
         &c,

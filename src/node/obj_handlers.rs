@@ -103,7 +103,7 @@ impl Node {
             .slots
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        // A bounded cache: a node serves a few hundred classes at most.
+        // Bounded: at most 1,024 loaded handlers, all dropped when full.
         if slots.len() >= 1024 {
             slots.clear();
         }

@@ -1047,8 +1047,7 @@ classes:
         );
         assert!(
             msgs.iter()
-                .any(|m| m.starts_with("p.yaml:7: classes[1].functions[0].image")
-                    || m.contains("classes[1].functions[0].image")),
+                .any(|m| m.starts_with("p.yaml:7: classes[1].functions[0].image: ")),
             "{msgs:?}"
         );
 
