@@ -121,7 +121,7 @@ pub fn read_app_file(path: &Path) -> Result<AppSpec, String> {
     Ok(spec)
 }
 
-use super::client::failed;
+use super::client::{failed, print_reply};
 
 fn call(url: &str, method: Method, body: Option<Vec<u8>>) -> Result<http::Reply, i32> {
     let body = body.map(|b| (b, "application/json"));
@@ -201,14 +201,7 @@ pub fn app(cmd: AppCmd) -> i32 {
         }
         AppCmd::Show { name, node } => {
             let url = format!("{}/api/apps/{}", base(&node), percent_encode(&name));
-            match call(&url, Method::GET, None) {
-                Ok(r) if r.status.is_success() => {
-                    println!("{}", String::from_utf8_lossy(&r.body));
-                    EXIT_OK
-                }
-                Ok(r) => failed(&format!("show {name}"), &r),
-                Err(c) => c,
-            }
+            print_reply(&format!("show {name}"), call(&url, Method::GET, None))
         }
         AppCmd::Rm { name, owner, node } => {
             let mut url = format!("{}/api/apps/{}", base(&node), percent_encode(&name));
@@ -231,14 +224,7 @@ pub fn app(cmd: AppCmd) -> i32 {
                 percent_encode(&app),
                 percent_encode(&key)
             );
-            match call(&url, Method::GET, None) {
-                Ok(r) if r.status.is_success() => {
-                    println!("{}", String::from_utf8_lossy(&r.body));
-                    EXIT_OK
-                }
-                Ok(r) => failed(&format!("state {app}/{key}"), &r),
-                Err(c) => c,
-            }
+            print_reply(&format!("state {app}/{key}"), call(&url, Method::GET, None))
         }
     }
 }

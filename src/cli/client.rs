@@ -31,6 +31,48 @@ fn request(url: &str, method: Method, body: Option<(Vec<u8>, &str)>) -> Result<R
 
 /// One request of a client command; a failure to get any answer is
 /// printed and mapped to the exit code.
+/// `--node`, for the commands that talk to one node.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArg {
+    /// The node's HTTP address.
+    #[arg(long, env = "CAPY_NODE", default_value = "http://127.0.0.1:7070")]
+    pub node: String,
+}
+
+impl NodeArg {
+    /// The address without a trailing `/`, to append paths to.
+    pub fn base(&self) -> &str {
+        self.node.trim_end_matches('/')
+    }
+}
+
+/// Prints a successful reply's body; a failed one the way `failed` does.
+pub(super) fn print_reply(what: &str, r: Result<Reply, i32>) -> i32 {
+    match r {
+        Ok(r) if r.status.is_success() => {
+            println!("{}", String::from_utf8_lossy(&r.body));
+            EXIT_OK
+        }
+        Ok(r) => failed(what, &r),
+        Err(code) => code,
+    }
+}
+
+/// Reads a file, or stdin for `-`, refusing more than `limit` bytes.
+pub(super) fn read_limited(p: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::new();
+    let res = if p == Path::new("-") {
+        std::io::stdin().take(limit + 1).read_to_end(&mut buf)
+    } else {
+        std::fs::File::open(p).and_then(|f| f.take(limit + 1).read_to_end(&mut buf))
+    };
+    res.map_err(|e| format!("{}: {e}", p.display()))?;
+    if buf.len() as u64 > limit {
+        return Err(format!("{}: larger than {limit} bytes", p.display()));
+    }
+    Ok(buf)
+}
+
 pub(super) fn request_within(
     url: &str,
     method: Method,
@@ -60,26 +102,10 @@ pub(super) fn failed(what: &str, r: &Reply) -> i32 {
 }
 
 fn read_value(file: Option<&Path>) -> Result<Vec<u8>, String> {
-    let mut buf = Vec::new();
     match file {
-        None => {}
-        Some(p) if p == Path::new("-") => {
-            std::io::stdin()
-                .take(MAX_VALUE + 1)
-                .read_to_end(&mut buf)
-                .map_err(|e| format!("reading stdin: {e}"))?;
-        }
-        Some(p) => {
-            let f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
-            f.take(MAX_VALUE + 1)
-                .read_to_end(&mut buf)
-                .map_err(|e| format!("{}: {e}", p.display()))?;
-        }
+        None => Ok(Vec::new()),
+        Some(p) => read_limited(p, MAX_VALUE),
     }
-    if buf.len() as u64 > MAX_VALUE {
-        return Err(format!("value larger than {MAX_VALUE} bytes"));
-    }
-    Ok(buf)
 }
 
 pub fn put(c: &ClientArgs, key: &str, file: Option<&Path>) -> i32 {

@@ -12,13 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[derive(Args, Debug, Clone)]
-pub struct NodeArg {
-    /// The node's HTTP address.
-    #[arg(long, env = "CAPY_NODE", default_value = "http://127.0.0.1:7070")]
-    pub node: String,
-}
-
 #[derive(Subcommand, Debug)]
 pub enum FnCmd {
     /// Store a function's image archive (`podman save` format) in the
@@ -119,13 +112,13 @@ fn split_fn(s: &str) -> Result<(&str, &str), String> {
 fn fn_url(node: &str, app: &str, name: &str, tail: &str) -> String {
     format!(
         "{}/api/fn/{}/{}{tail}",
-        node.trim_end_matches('/'),
+        node,
         percent_encode(app),
         percent_encode(name)
     )
 }
 
-use super::client::{failed, request_within as request};
+use super::client::{failed, request_within as request, NodeArg};
 
 fn print_body(body: &[u8]) {
     match serde_json::from_slice::<serde_json::Value>(body) {
@@ -200,7 +193,7 @@ fn deploy(
     } else {
         format!("?{}", q.join("&"))
     };
-    let url = fn_url(&c.node, app, name, &tail);
+    let url = fn_url(c.base(), app, name, &tail);
     let r = match request(
         &url,
         Method::PUT,
@@ -251,7 +244,7 @@ fn invoke(c: &NodeArg, function: &str, input: Option<&str>, verbose: bool) -> i3
         return EXIT_USAGE;
     }
     let tail = if verbose { "?verbose" } else { "" };
-    let url = fn_url(&c.node, app, name, tail);
+    let url = fn_url(c.base(), app, name, tail);
     let r = match request(
         &url,
         Method::POST,
@@ -277,7 +270,7 @@ fn simple(c: &NodeArg, function: &str, method: Method, tail: &str, what: &str) -
         }
     };
     let r = match request(
-        &fn_url(&c.node, app, name, tail),
+        &fn_url(c.base(), app, name, tail),
         method,
         None,
         CONTROL_TIMEOUT,

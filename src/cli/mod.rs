@@ -100,7 +100,7 @@ pub enum Cmd {
     Inv {
         id: String,
         #[command(flatten)]
-        n: objects::NodeArg,
+        n: client::NodeArg,
     },
     /// Simulate the overlay (or the vnode game) in virtual time.
     Sim(SimArgs),

@@ -1,22 +1,16 @@
 //! `capy pkg ...`, `capy obj ...` and `capy inv ...`: the object commands,
 //! talking to a node's HTTP API.
 
+use super::client::{print_reply, NodeArg};
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use crate::http::{percent_encode, Reply};
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use hyper::{Method, StatusCode};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// TASK functions may run for minutes.
 const TIMEOUT: Duration = Duration::from_secs(330);
-
-#[derive(Args, Debug, Clone)]
-pub struct NodeArg {
-    /// The node's HTTP address.
-    #[arg(long, env = "CAPY_NODE", default_value = "http://127.0.0.1:7070")]
-    pub node: String,
-}
 
 #[derive(Subcommand, Debug)]
 pub enum PkgCmd {
@@ -95,24 +89,8 @@ pub enum ObjCmd {
     },
 }
 
-fn base(n: &NodeArg) -> String {
-    n.node.trim_end_matches('/').to_string()
-}
-
 fn request(url: &str, method: Method, body: Option<(Vec<u8>, &str)>) -> Result<Reply, i32> {
     super::client::request_within(url, method, body, TIMEOUT)
-}
-
-fn done(what: &str, r: Result<Reply, i32>) -> i32 {
-    let r = match r {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
-    if r.status.is_success() {
-        println!("{}", String::from_utf8_lossy(&r.body));
-        return EXIT_OK;
-    }
-    super::client::failed(what, &r)
 }
 
 fn json_arg(s: Option<&str>, what: &str) -> Result<Vec<u8>, i32> {
@@ -129,22 +107,10 @@ fn json_arg(s: Option<&str>, what: &str) -> Result<Vec<u8>, i32> {
 }
 
 fn read_file(p: &Path, limit: u64) -> Result<Vec<u8>, i32> {
-    use std::io::Read;
-    let mut buf = Vec::new();
-    let res = if p == Path::new("-") {
-        std::io::stdin().take(limit + 1).read_to_end(&mut buf)
-    } else {
-        std::fs::File::open(p).and_then(|f| f.take(limit + 1).read_to_end(&mut buf))
-    };
-    if let Err(e) = res {
-        eprintln!("capy: {}: {e}", p.display());
-        return Err(EXIT_USAGE);
-    }
-    if buf.len() as u64 > limit {
-        eprintln!("capy: {}: larger than {limit} bytes", p.display());
-        return Err(EXIT_USAGE);
-    }
-    Ok(buf)
+    super::client::read_limited(p, limit).map_err(|e| {
+        eprintln!("capy: {e}");
+        EXIT_USAGE
+    })
 }
 
 /// Uploads every TASK image that names a file next to the package (the
@@ -178,7 +144,7 @@ fn upload_images(file: &Path, text: &[u8], n: &NodeArg) -> Result<(), i32> {
         let data = read_file(&path, crate::node::objects::MAX_IMAGE as u64)?;
         let url = format!(
             "{}/api/pkg/{}/images?name={}",
-            base(n),
+            n.base(),
             percent_encode(pkg),
             percent_encode(image)
         );
@@ -209,7 +175,7 @@ pub fn pkg(c: PkgCmd) -> i32 {
             }
             let url = format!(
                 "{}/api/pkg?file={}",
-                base(&n),
+                n.base(),
                 percent_encode(&file.display().to_string())
             );
             let r = request(&url, Method::POST, Some((text, "application/yaml")));
@@ -220,24 +186,24 @@ pub fn pkg(c: PkgCmd) -> i32 {
                     return EXIT_USAGE;
                 }
             }
-            done("pkg deploy", r)
+            print_reply("pkg deploy", r)
         }
-        PkgCmd::Ls { n } => done(
+        PkgCmd::Ls { n } => print_reply(
             "pkg ls",
-            request(&format!("{}/api/pkg", base(&n)), Method::GET, None),
+            request(&format!("{}/api/pkg", n.base()), Method::GET, None),
         ),
-        PkgCmd::Show { name, n } => done(
+        PkgCmd::Show { name, n } => print_reply(
             "pkg show",
             request(
-                &format!("{}/api/pkg/{}", base(&n), percent_encode(&name)),
+                &format!("{}/api/pkg/{}", n.base(), percent_encode(&name)),
                 Method::GET,
                 None,
             ),
         ),
-        PkgCmd::Rm { name, n } => done(
+        PkgCmd::Rm { name, n } => print_reply(
             "pkg rm",
             request(
-                &format!("{}/api/pkg/{}", base(&n), percent_encode(&name)),
+                &format!("{}/api/pkg/{}", n.base(), percent_encode(&name)),
                 Method::DELETE,
                 None,
             ),
@@ -258,7 +224,7 @@ pub fn obj(c: ObjCmd) -> i32 {
                 };
             let body = serde_json::json!({ "class": class, "state": state }).to_string();
             let r = request(
-                &format!("{}/api/obj", base(&n)),
+                &format!("{}/api/obj", n.base()),
                 Method::POST,
                 Some((body.into_bytes(), "application/json")),
             );
@@ -270,24 +236,24 @@ pub fn obj(c: ObjCmd) -> i32 {
                             println!("{id}");
                             EXIT_OK
                         }
-                        None => done("obj new", Ok(r)),
+                        None => print_reply("obj new", Ok(r)),
                     }
                 }
-                other => done("obj new", other),
+                other => print_reply("obj new", other),
             }
         }
-        ObjCmd::Get { id, n } => done(
+        ObjCmd::Get { id, n } => print_reply(
             "obj get",
             request(
-                &format!("{}/api/obj/{}", base(&n), percent_encode(&id)),
+                &format!("{}/api/obj/{}", n.base(), percent_encode(&id)),
                 Method::GET,
                 None,
             ),
         ),
-        ObjCmd::Rm { id, n } => done(
+        ObjCmd::Rm { id, n } => print_reply(
             "obj rm",
             request(
-                &format!("{}/api/obj/{}", base(&n), percent_encode(&id)),
+                &format!("{}/api/obj/{}", n.base(), percent_encode(&id)),
                 Method::DELETE,
                 None,
             ),
@@ -305,12 +271,12 @@ pub fn obj(c: ObjCmd) -> i32 {
             };
             let url = format!(
                 "{}/api/obj/{}/{}{}",
-                base(&n),
+                n.base(),
                 percent_encode(&id),
                 percent_encode(&function),
                 if asynchronous { "?async=1" } else { "" }
             );
-            done(
+            print_reply(
                 "obj invoke",
                 request(&url, Method::POST, Some((body, "application/json"))),
             )
@@ -322,11 +288,11 @@ pub fn obj(c: ObjCmd) -> i32 {
             };
             let url = format!(
                 "{}/api/obj/{}/blobs/{}",
-                base(&n),
+                n.base(),
                 percent_encode(&id),
                 percent_encode(&blob)
             );
-            done(
+            print_reply(
                 "obj put-blob",
                 request(&url, Method::PUT, Some((data, "application/octet-stream"))),
             )
@@ -334,7 +300,7 @@ pub fn obj(c: ObjCmd) -> i32 {
         ObjCmd::GetBlob { id, blob, n } => {
             let url = format!(
                 "{}/api/obj/{}/blobs/{}",
-                base(&n),
+                n.base(),
                 percent_encode(&id),
                 percent_encode(&blob)
             );
@@ -350,7 +316,7 @@ pub fn obj(c: ObjCmd) -> i32 {
                         }
                     }
                 }
-                other => done("obj get-blob", other),
+                other => print_reply("obj get-blob", other),
             }
         }
     }
@@ -358,10 +324,10 @@ pub fn obj(c: ObjCmd) -> i32 {
 
 /// `capy inv ID`: where an async invocation stands.
 pub fn inv(id: &str, n: &NodeArg) -> i32 {
-    done(
+    print_reply(
         "inv",
         request(
-            &format!("{}/api/inv/{}", base(n), percent_encode(id)),
+            &format!("{}/api/inv/{}", n.base(), percent_encode(id)),
             Method::GET,
             None,
         ),
