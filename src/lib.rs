@@ -19,5 +19,6 @@ pub mod node;
 pub mod objects;
 pub mod overlay;
 pub mod sim;
+pub mod stats;
 pub mod store;
 pub mod transport;

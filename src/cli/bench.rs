@@ -4,6 +4,7 @@
 
 use super::cluster::LocalCluster;
 use crate::http::Client;
+use crate::stats::{percentile, sorted};
 use hyper::{Method, StatusCode};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -40,16 +41,8 @@ pub fn rss_mb(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-pub fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn figures(mut lat_ms: Vec<f64>, errors: usize, wall: Duration) -> OpFigures {
-    lat_ms.sort_by(|a, b| a.total_cmp(b));
+pub(super) fn figures(lat_ms: Vec<f64>, errors: usize, wall: Duration) -> OpFigures {
+    let lat_ms = sorted(lat_ms);
     OpFigures {
         ops: lat_ms.len(),
         errors,

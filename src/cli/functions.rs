@@ -287,27 +287,8 @@ fn simple(c: &NodeArg, function: &str, method: Method, tail: &str, what: &str) -
 
 // ---- capy bench fn -----------------------------------------------------------
 
-#[derive(Clone, Debug, Serialize)]
-pub struct Figures {
-    pub n: usize,
-    pub p50: f64,
-    pub p99: f64,
-    pub min: f64,
-    pub max: f64,
-}
-
-impl Figures {
-    fn of(mut v: Vec<f64>) -> Figures {
-        v.sort_by(f64::total_cmp);
-        Figures {
-            n: v.len(),
-            p50: super::bench::percentile(&v, 0.50),
-            p99: super::bench::percentile(&v, 0.99),
-            min: v.first().copied().unwrap_or(0.0),
-            max: v.last().copied().unwrap_or(0.0),
-        }
-    }
-}
+/// Sample figures, as `capy bench fn`'s host part reports them.
+pub type Figures = crate::containers::Percentiles;
 
 /// Figures through real nodes: HTTP client -> node -> the function's root
 /// -> container, against `/run` sent straight to the same container.

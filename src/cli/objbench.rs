@@ -5,7 +5,7 @@
 //! node (HTTP -> node -> root -> container -> commit), against the same
 //! container's `/run` called directly with the same input.
 
-use super::bench::percentile;
+use super::bench::{figures, OpFigures as Figures};
 use super::cluster::LocalCluster;
 use crate::containers::{Engine, Podman, LABEL_FUNCTION};
 use crate::http::Client;
@@ -44,15 +44,6 @@ pub struct ObjBenchArgs {
 }
 
 #[derive(Serialize)]
-pub struct Figures {
-    pub calls: usize,
-    pub errors: usize,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub calls_per_s: f64,
-}
-
-#[derive(Serialize)]
 pub struct TaskFigures {
     pub via_node: Figures,
     pub direct: Figures,
@@ -71,17 +62,6 @@ pub struct ObjReport {
     /// Store commits per update call (group commit makes it < 1).
     pub commits_per_call: Option<f64>,
     pub task: Option<TaskFigures>,
-}
-
-fn figures(mut lat: Vec<f64>, errors: usize, wall: Duration) -> Figures {
-    lat.sort_by(|a, b| a.total_cmp(b));
-    Figures {
-        calls: lat.len(),
-        errors,
-        p50_ms: percentile(&lat, 0.5),
-        p99_ms: percentile(&lat, 0.99),
-        calls_per_s: lat.len() as f64 / wall.as_secs_f64().max(1e-9),
-    }
 }
 
 const PKG: &str = r#"
@@ -132,7 +112,7 @@ pub fn run(a: ObjBenchArgs) -> i32 {
                 println!(
                     "{} nodes; built-in update on one object, {} clients{}: {:.0} calls/s, p50 {:.3} ms, p99 {:.3} ms ({} errors)",
                     r.nodes, r.clients, if r.class_handler { ", with a class updateCb" } else { "" },
-                    r.update.calls_per_s, r.update.p50_ms, r.update.p99_ms, r.update.errors
+                    r.update.ops_per_s, r.update.p50_ms, r.update.p99_ms, r.update.errors
                 );
                 if let Some(t) = &r.task {
                     println!(
@@ -231,15 +211,15 @@ fn bench(a: &ObjBenchArgs) -> Result<ObjReport, String> {
             let v: serde_json::Value =
                 serde_json::from_slice(&r.body).map_err(|e| e.to_string())?;
             let counted = v["state"]["updates"].as_u64().unwrap_or(0);
-            if counted != update.calls as u64 {
+            if counted != update.ops as u64 {
                 return Err(format!(
                     "the class handler counted {counted} updates, {} were acknowledged",
-                    update.calls
+                    update.ops
                 ));
             }
         }
         let commits_per_call = match (commits_before, commits(&cluster)) {
-            (Some(b), Some(a2)) if update.calls > 0 => Some((a2 - b) as f64 / update.calls as f64),
+            (Some(b), Some(a2)) if update.ops > 0 => Some((a2 - b) as f64 / update.ops as f64),
             _ => None,
         };
 

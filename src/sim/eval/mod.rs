@@ -287,13 +287,11 @@ pub fn eval_cmd(name: &str, opts: &EvalOpts, check: bool) -> i32 {
 
 /// `p`-quantile (0..=1) of `v` by nearest rank; NaN for an empty slice.
 pub fn quantile(v: &[f64], p: f64) -> f64 {
-    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    let s = crate::stats::sorted(v.iter().copied().filter(|x| !x.is_nan()).collect());
     if s.is_empty() {
         return f64::NAN;
     }
-    s.sort_by(|a, b| a.total_cmp(b));
-    let i = ((s.len() - 1) as f64 * p.clamp(0.0, 1.0)).round() as usize;
-    s[i]
+    crate::stats::percentile(&s, p)
 }
 
 pub fn mean(v: &[f64]) -> f64 {
