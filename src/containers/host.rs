@@ -248,8 +248,9 @@ pub struct Invocation {
     pub timings: Timings,
 }
 
-/// Where an invocation's time went, in microseconds.
-#[derive(Clone, Debug, Default, Serialize)]
+/// Where an invocation's time went, in microseconds (also carried between
+/// nodes with a forwarded invocation's answer).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
     /// Waiting for a free container slot.
     pub queued_us: u64,

@@ -315,16 +315,6 @@ fn op_fail(what: &str, e: OpError) -> FnFail {
     }
 }
 
-/// Where an invocation's time went, in microseconds (on the node that ran it).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct FnTimings {
-    pub queued_us: u64,
-    pub image_load_us: Option<u64>,
-    pub start_us: Option<u64>,
-    pub run_us: u64,
-    pub total_us: u64,
-}
-
 /// A successful invocation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FnOk {
@@ -335,7 +325,8 @@ pub struct FnOk {
     pub node: String,
     /// True if the root handed it to a neighbour.
     pub forwarded: bool,
-    pub timings: FnTimings,
+    /// Where its time went, on the node that ran it.
+    pub timings: crate::containers::Timings,
 }
 
 /// What the root says about a function it serves.
@@ -1051,13 +1042,7 @@ impl Node {
                 cold: inv.cold,
                 node: self.name.clone(),
                 forwarded,
-                timings: FnTimings {
-                    queued_us: inv.timings.queued_us,
-                    image_load_us: inv.timings.image_load_us,
-                    start_us: inv.timings.start_us,
-                    run_us: inv.timings.run_us,
-                    total_us: inv.timings.total_us,
-                },
+                timings: inv.timings,
             }),
             Err(e) => Err(FnFail::from(&e)),
         }
