@@ -45,7 +45,7 @@
 
 use super::calls::Call;
 use super::runtime::{Node, OpError};
-use super::wall_ms;
+use super::{lock, wall_ms};
 use crate::containers::{
     AppStats, ContainerStatus, FnError, FnSpec, FunctionHost, HostConfig, ImageSource, KeepAlive,
     IMAGE_REPO,
@@ -457,11 +457,12 @@ impl Functions {
     }
 
     fn managed(&self, k: &FnKey) -> bool {
-        self.managed.lock().map(|m| m.contains(k)).unwrap_or(false)
+        lock(&self.managed).contains(k)
     }
 
     fn set_managed(&self, k: &FnKey, on: bool) {
-        if let Ok(mut m) = self.managed.lock() {
+        {
+            let mut m = lock(&self.managed);
             if on {
                 if m.len() < CACHE_MAX {
                     m.insert(k.clone());
@@ -473,7 +474,8 @@ impl Functions {
     }
 
     fn forget(&self, k: &FnKey) {
-        if let Ok(mut r) = self.records.lock() {
+        {
+            let mut r = lock(&self.records);
             r.remove(k);
         }
     }
@@ -507,13 +509,11 @@ struct Inflight<'a> {
 
 impl<'a> Inflight<'a> {
     fn enter(f: &'a Functions, key: &FnKey) -> (Inflight<'a>, usize) {
-        let n = match f.inflight.lock() {
-            Ok(mut m) => {
-                let c = m.entry(key.clone()).or_insert(0);
-                *c += 1;
-                *c
-            }
-            Err(_) => 1,
+        let n = {
+            let mut m = lock(&f.inflight);
+            let c = m.entry(key.clone()).or_insert(0);
+            *c += 1;
+            *c
         };
         (
             Inflight {
@@ -527,7 +527,8 @@ impl<'a> Inflight<'a> {
 
 impl Drop for Inflight<'_> {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.f.inflight.lock() {
+        {
+            let mut m = lock(&self.f.inflight);
             if let Some(c) = m.get_mut(&self.key) {
                 *c = c.saturating_sub(1);
                 if *c == 0 {
@@ -670,20 +671,16 @@ impl Node {
 
     async fn manifest_key(&self, app: &str, name: &str) -> String {
         let k = (app.to_string(), name.to_string());
-        if let Some(m) = self
-            .functions
-            .manifest_keys
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&k).cloned())
-        {
+        let cached = lock(&self.functions.manifest_keys).get(&k).cloned();
+        if let Some(m) = cached {
             return m;
         }
         let (a, n) = k.clone();
         let key =
             smol::unblock(move || ground_key(bucket(&a), fn_ring(&a, &n), &format!("{n}#fn")))
                 .await;
-        if let Ok(mut m) = self.functions.manifest_keys.lock() {
+        {
+            let mut m = lock(&self.functions.manifest_keys);
             if m.len() >= CACHE_MAX {
                 m.clear();
             }
@@ -701,13 +698,8 @@ impl Node {
         name: &str,
     ) -> Result<Option<FnRecord>, FnFail> {
         let k = (app.to_string(), name.to_string());
-        if let Some((r, at)) = self
-            .functions
-            .records
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&k).cloned())
-        {
+        let cached = lock(&self.functions.records).get(&k).cloned();
+        if let Some((r, at)) = cached {
             let age = at.elapsed();
             if age < RECORD_TTL {
                 return Ok(Some(r));
@@ -716,7 +708,8 @@ impl Node {
                 // Serve it and read it again in the background, so a warm
                 // invocation never waits for the store; marked fresh now
                 // so one reader refreshes it.
-                if let Ok(mut m) = self.functions.records.lock() {
+                {
+                    let mut m = lock(&self.functions.records);
                     m.insert(k.clone(), (r.clone(), Instant::now()));
                 }
                 let (node, app, name) = (self.clone(), app.to_string(), name.to_string());
@@ -765,7 +758,8 @@ impl Node {
                     format!("the stored manifest of {app}/{name} is unusable: {e}"),
                 )
             })?;
-        if let Ok(mut m) = self.functions.records.lock() {
+        {
+            let mut m = lock(&self.functions.records);
             if m.len() >= CACHE_MAX {
                 m.clear();
             }
@@ -923,17 +917,13 @@ impl Node {
             .filter(|c| c.function == id)
             .map(|c| (c.name, c.state.to_string(), c.idle_s, c.invocations))
             .collect();
-        let helpers = f
-            .helpers
-            .lock()
-            .ok()
-            .and_then(|h| {
-                h.get(&k).map(|m| {
-                    m.iter()
-                        .filter(|(_, t)| t.elapsed() < Duration::from_secs(600))
-                        .map(|(n, _)| n.clone())
-                        .collect()
-                })
+        let helpers = lock(&f.helpers)
+            .get(&k)
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, t)| t.elapsed() < Duration::from_secs(600))
+                    .map(|(n, _)| n.clone())
+                    .collect()
             })
             .unwrap_or_default();
         FnPlace {
@@ -1089,7 +1079,8 @@ impl Node {
                     continue;
                 }
                 Ok(ok) => {
-                    if let Ok(mut h) = f.helpers.lock() {
+                    {
+                        let mut h = lock(&f.helpers);
                         let m = h.entry((rec.app.clone(), rec.name.clone())).or_default();
                         if m.len() < 64 || m.contains_key(&ok.node) {
                             m.insert(ok.node.clone(), Instant::now());
