@@ -381,10 +381,16 @@ fn bars(root: &Area<'_>, p: &Plot, b: &Bars) -> Result<(), String> {
     for (si, (label, vals)) in b.series.iter().enumerate() {
         let c = colour(si);
         chart
-            .draw_series(vals.iter().enumerate().map(|(ci, v)| {
-                let x = ci as f64 - 0.4 + si as f64 * w;
-                Rectangle::new([(x, 0.0), (x + w * 0.92, v.max(0.0))], c.filled())
-            }))
+            // A value that was not measured (NaN) gets no bar, not a 0.
+            .draw_series(
+                vals.iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|(ci, v)| {
+                        let x = ci as f64 - 0.4 + si as f64 * w;
+                        Rectangle::new([(x, 0.0), (x + w * 0.92, v.max(0.0))], c.filled())
+                    }),
+            )
             .map_err(err)?
             .label(label.as_str())
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], c.filled()));
