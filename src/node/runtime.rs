@@ -935,17 +935,9 @@ impl Node {
         };
         self.store_acts(acts);
         let res = match self.wait(req, rx).await? {
+            // The root is silent: ask the replicas directly.
             Outcome::Get(Err(RemoteError::NoAnswer)) => {
-                let (req, rx) = self.register();
-                let acts = {
-                    let mut cores = self.lock();
-                    let replicas = cores.placement(NodeId::for_key(bucket, key), k as usize);
-                    cores
-                        .replica
-                        .get_from(wall_us(), req, bucket, key, &replicas)?
-                };
-                self.store_acts(acts);
-                self.wait(req, rx).await?
+                self.get_from_replicas(bucket, key, k).await?
             }
             other => other,
         };
@@ -973,21 +965,33 @@ impl Node {
         bucket: &str,
         key: &str,
     ) -> Result<Option<Value>, OpError> {
+        match self
+            .get_from_replicas(bucket, key, self.k_of(bucket))
+            .await?
+        {
+            Outcome::Get(Ok(v)) => Ok(v),
+            Outcome::Get(Err(e)) => Err(e.into()),
+            Outcome::Put(_) => Err(OpError::Internal("reply of the wrong kind".into())),
+        }
+    }
+
+    /// The newest copy among the `k` replicas that answer in time.
+    async fn get_from_replicas(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        k: u8,
+    ) -> Result<Outcome, OpError> {
         let (req, rx) = self.register();
         let acts = {
             let mut cores = self.lock();
-            let replicas =
-                cores.placement(NodeId::for_key(bucket, key), self.k_of(bucket) as usize);
+            let replicas = cores.placement(NodeId::for_key(bucket, key), k as usize);
             cores
                 .replica
                 .get_from(wall_us(), req, bucket, key, &replicas)?
         };
         self.store_acts(acts);
-        match self.wait(req, rx).await? {
-            Outcome::Get(Ok(v)) => Ok(v),
-            Outcome::Get(Err(e)) => Err(e.into()),
-            Outcome::Put(_) => Err(OpError::Internal("reply of the wrong kind".into())),
-        }
+        self.wait(req, rx).await
     }
 
     fn store_acts(self: &Arc<Self>, acts: Vec<replica::Action>) {
