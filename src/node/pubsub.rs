@@ -88,16 +88,14 @@ impl Router for NodeRouter<'_> {
         }
         let mut v = c.nearest_vnode(key)?;
         for _ in 0..8 {
-            let p = c.vnodes.get(&v)?;
-            match p.next_hop(key) {
-                None => return Some(Hop::Root),
-                Some(h) if h.addr == self.0.quic => {
+            match c.vnodes.get(&v)?.hop(key)? {
+                Hop::Next(h) if h.addr == self.0.quic => {
                     if !c.vnodes.contains_key(&h.id) {
                         return None;
                     }
                     v = h.id;
                 }
-                Some(h) => return Some(Hop::Next(h)),
+                other => return Some(other),
             }
         }
         None

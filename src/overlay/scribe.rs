@@ -79,6 +79,21 @@ pub trait Router {
     fn hop(&self, key: NodeId) -> Option<Hop>;
 }
 
+/// One Pastry node as Scribe's router: its next hop toward `key`, or the
+/// root; nothing until it has joined. The simulator uses it as is; the
+/// node runtime follows it across its own vnodes.
+impl Router for super::Pastry {
+    fn hop(&self, key: NodeId) -> Option<Hop> {
+        if !self.joined() {
+            return None;
+        }
+        Some(match self.next_hop(key) {
+            None => Hop::Root,
+            Some(h) => Hop::Next(h),
+        })
+    }
+}
+
 /// What Scribe nodes tell each other.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Msg {

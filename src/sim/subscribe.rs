@@ -26,7 +26,7 @@
 use super::overlay::{index_of, peak_rss_mb, true_root, OverlaySimOpts, Sim};
 use super::queue::Queue;
 use crate::id::{Micros, NodeHandle, NodeId};
-use crate::overlay::scribe::{Action, Hop, Msg, Router, Scribe, ScribeConfig};
+use crate::overlay::scribe::{Action, Msg, Scribe, ScribeConfig};
 use crate::overlay::Pastry;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -155,20 +155,6 @@ pub struct SubscribeReport {
 
 const WAN: &str = "20 zones on the unit square; one way: 10 ms + 140 ms x distance/sqrt(2) between zones, plus 0.5..2.5 ms access per node, plus jitter up to 2 % + 0.1 ms";
 
-struct PastryRouter<'a>(&'a Pastry);
-
-impl Router for PastryRouter<'_> {
-    fn hop(&self, key: NodeId) -> Option<Hop> {
-        if !self.0.joined() {
-            return None;
-        }
-        Some(match self.0.next_hop(key) {
-            None => Hop::Root,
-            Some(h) => Hop::Next(h),
-        })
-    }
-}
-
 enum Ev {
     Msg { to: u32, from: NodeHandle, msg: Msg },
     Failed { at: u32, to: NodeHandle },
@@ -279,9 +265,9 @@ impl Net {
         }
     }
 
-    fn with(&mut self, i: usize, f: impl FnOnce(&mut Scribe, &PastryRouter) -> Vec<Action>) {
-        let r = PastryRouter(&self.sim.nodes[i].p);
-        let acts = f(&mut self.scribes[i], &r);
+    fn with(&mut self, i: usize, f: impl FnOnce(&mut Scribe, &Pastry) -> Vec<Action>) {
+        let r = &self.sim.nodes[i].p;
+        let acts = f(&mut self.scribes[i], r);
         self.apply(i, acts);
     }
 
