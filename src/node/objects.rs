@@ -52,6 +52,7 @@ use super::wall_ms;
 use crate::containers::{FnError, FnSpec};
 use crate::http::{self, Resp};
 use crate::id::NodeId;
+use crate::objects::presign::is_object_id;
 use crate::objects::{
     package::BUILTINS, BlobMethod, BlobRef, Body, Caller, Class, Effect, Function, Grant,
     InvStatus, Level, Locality, Macro, MacroRun, ObjectRecord, Package, Refusal, Signer,
@@ -189,12 +190,6 @@ impl Answer {
 
 pub(super) fn ring(id: &str) -> NodeId {
     NodeId::for_key(OBJ_BUCKET, id)
-}
-
-fn is_object_id(s: &str) -> bool {
-    s.len() == 32
-        && s.bytes()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
 }
 
 fn blob_key(id: &str, blob: &str, version: u64) -> String {

@@ -122,9 +122,9 @@ enum RawKind {
 #[serde(deny_unknown_fields)]
 struct RawPackage {
     name: String,
-    #[serde(default)]
-    #[allow(dead_code)]
-    description: Option<String>,
+    /// Accepted for the package's reader; capy keeps the source with it.
+    #[serde(default, rename = "description")]
+    _description: Option<String>,
     classes: Vec<RawClass>,
 }
 

@@ -77,7 +77,8 @@ impl fmt::Debug for Signer {
     }
 }
 
-fn is_object_id(s: &str) -> bool {
+/// An object id: 32 lowercase hex digits.
+pub(crate) fn is_object_id(s: &str) -> bool {
     s.len() == 32
         && s.bytes()
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
