@@ -340,6 +340,20 @@ pub fn percent_decode(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
 }
 
+/// Query parameter `name` of a URL's query, percent-decoded (`+` is a
+/// space, as in forms); `Ok(None)` when absent.
+pub fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, String> {
+    let Some(q) = query else {
+        return Ok(None);
+    };
+    for pair in q.split('&') {
+        if let Some(v) = pair.strip_prefix(name).and_then(|r| r.strip_prefix('=')) {
+            return percent_decode(&v.replace('+', " ")).map(Some);
+        }
+    }
+    Ok(None)
+}
+
 /// Percent-encodes everything but unreserved characters.
 pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -356,6 +370,17 @@ pub fn percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_params_decode_and_refuse_bad_escapes() {
+        let q = Some("bucket=a%2Fb&args=%7B%7D&x=a+b&bad=%zz");
+        assert_eq!(query_param(q, "bucket"), Ok(Some("a/b".into())));
+        assert_eq!(query_param(q, "args"), Ok(Some("{}".into())));
+        assert_eq!(query_param(q, "x"), Ok(Some("a b".into())));
+        assert_eq!(query_param(q, "buck"), Ok(None));
+        assert_eq!(query_param(None, "x"), Ok(None));
+        assert!(query_param(q, "bad").is_err());
+    }
 
     #[test]
     fn urls_split() {

@@ -28,15 +28,7 @@ fn op_error(e: OpError) -> Resp {
 
 /// The `bucket` query parameter, default "default".
 fn bucket_of(req: &Request<Incoming>) -> Result<String, String> {
-    let Some(q) = req.uri().query() else {
-        return Ok("default".into());
-    };
-    for pair in q.split('&') {
-        if let Some(v) = pair.strip_prefix("bucket=") {
-            return http::percent_decode(v);
-        }
-    }
-    Ok("default".into())
+    Ok(http::query_param(req.uri().query(), "bucket")?.unwrap_or_else(|| "default".into()))
 }
 
 async fn route(node: Arc<Node>, req: Request<Incoming>) -> Resp {

@@ -23,17 +23,8 @@ fn answer(a: Answer) -> Resp {
     http::full(status, "application/json", a.body)
 }
 
-/// A query parameter, percent-decoded.
 fn query(req: &Request<Incoming>, name: &str) -> Result<Option<String>, String> {
-    let Some(q) = req.uri().query() else {
-        return Ok(None);
-    };
-    for pair in q.split('&') {
-        if let Some(v) = pair.strip_prefix(name).and_then(|r| r.strip_prefix('=')) {
-            return http::percent_decode(&v.replace('+', " ")).map(Some);
-        }
-    }
-    Ok(None)
+    http::query_param(req.uri().query(), name)
 }
 
 fn caller(req: &Request<Incoming>) -> String {

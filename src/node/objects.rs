@@ -1919,12 +1919,9 @@ fn reply(a: Answer) -> Resp {
     http::full(status, "application/json", a.body)
 }
 
+/// A query parameter; one that does not decode counts as absent.
 fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
-    req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|p| p.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
-            .and_then(|v| http::percent_decode(v).ok())
-    })
+    http::query_param(req.uri().query(), name).ok().flatten()
 }
 
 async fn body_text(req: Request<Incoming>, limit: usize) -> Result<String, Resp> {
