@@ -7,7 +7,7 @@
 
 use super::bench::{figures, OpFigures as Figures};
 use super::cluster::LocalCluster;
-use crate::containers::{Engine, Podman, LABEL_FUNCTION};
+use crate::containers::{run_envelope, Engine, FnSpec, Podman, LABEL_FUNCTION};
 use crate::http::Client;
 use clap::Args;
 use hyper::{Method, StatusCode};
@@ -299,19 +299,19 @@ async fn direct_calls(socket: &str, id: &str, n: usize) -> Result<Figures, Strin
     let mut c = Client::connect(&format!("127.0.0.1:{port}"), Duration::from_secs(30))
         .await
         .map_err(|e| e.to_string())?;
+    let spec = FnSpec::new("bench", "Counter.jsonupdate", "");
     let (mut lat, mut errors) = (Vec::new(), 0);
     let t0 = Instant::now();
     for i in 0..n {
-        let input = json!({
-            "value": {
+        let input = run_envelope(
+            &spec,
+            json!({
                 "action": "incr", "field": "n", "args": {},
                 "state": {"n": i, "note": ""}, "blobs": {},
                 "object": {"id": id, "class": "bench.Counter", "version": i},
                 "function": "jsonupdate",
-            },
-            "action_name": "/bench/Counter.jsonupdate", "namespace": "bench",
-            "activation_id": format!("{i:032x}"), "deadline": "0",
-        });
+            }),
+        );
         let t = Instant::now();
         match post(&mut c, "/run", &input.to_string()).await {
             Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1e3),

@@ -263,6 +263,25 @@ pub struct Timings {
     pub total_us: u64,
 }
 
+/// The body of `POST /run` for `input`: the fields OpenWhisk's invoker
+/// sends with every activation (some runtimes expose them to the action as
+/// `__OW_*` variables). Benches that call a container directly use it too,
+/// so their baseline gets what the host sends.
+pub fn run_envelope(spec: &FnSpec, input: Value) -> Value {
+    let deadline_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_add(spec.timeout)
+        .as_millis() as u64;
+    serde_json::json!({
+        "value": input,
+        "action_name": format!("/{}/{}", spec.app, spec.name),
+        "namespace": spec.app,
+        "activation_id": format!("{:032x}", rand::random::<u128>()),
+        "deadline": deadline_ms.to_string(),
+    })
+}
+
 /// Per-app counters for metrics and the status page.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct AppStats {
@@ -453,21 +472,8 @@ impl FunctionHost {
         let engine = self.engine()?.clone();
         spec.validate(&self.cfg)?;
         let function = spec.id();
-        // The fields OpenWhisk's invoker sends with every activation; some
-        // runtimes expose them to the action as `__OW_*` variables.
-        let deadline_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .saturating_add(spec.timeout)
-            .as_millis() as u64;
-        let body = serde_json::to_vec(&serde_json::json!({
-            "value": input,
-            "action_name": format!("/{}/{}", spec.app, spec.name),
-            "namespace": spec.app,
-            "activation_id": format!("{:032x}", rand::random::<u128>()),
-            "deadline": deadline_ms.to_string(),
-        }))
-        .map_err(|e| FnError::InvalidSpec(format!("input: {e}")))?;
+        let body = serde_json::to_vec(&run_envelope(spec, input))
+            .map_err(|e| FnError::InvalidSpec(format!("input: {e}")))?;
         if body.len() > self.cfg.max_input {
             return Err(FnError::TooLarge {
                 function,

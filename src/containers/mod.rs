@@ -49,6 +49,7 @@ pub use engine::{
     BoxFut, ContainerInfo, ContainerSpec, ContainerState, Engine, EngineError, ImageSource,
     LABEL_FUNCTION, LABEL_IMAGE, LABEL_NODE,
 };
+pub use host::run_envelope;
 pub use host::{
     AppStats, ContainerStatus, FnError, FnSpec, FunctionHost, HostConfig, Invocation, KeepAlive,
     Timings, IMAGE_REPO,
